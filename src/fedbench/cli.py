@@ -1,0 +1,75 @@
+"""The `fedbench` command: Hydra composes the config, fedbench validates, runs and logs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger")
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
+
+
+def available(group: str) -> list[str]:
+    root = resources.files("fedbench.conf") / group
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_group_overrides(argv: list[str]) -> str | None:
+    """One clear line for an unknown config-group choice (Hydra's own message is a wall of text)."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in GROUPS:
+            continue
+        choices = available(key)
+        values = value.split(",") if value and not value.startswith(("range(", "choice(", "glob(")) else [value]
+        for v in values:
+            if v and v not in choices:
+                return f"{key}={v!r} is unknown; allowed: {', '.join(choices)}"
+    return None
+
+
+def _fail(msg: str, code: int) -> None:
+    print(f"fedbench: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from fedbench.errors import ConfigError
+    from fedbench.experiment import DivergedError, format_summary, run_experiment
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweep_group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    if sweep_group is not None:
+        sweep_group = f"sweep-{Path(hc.sweep.dir).parent.name}-{sweep_group}"
+    try:
+        summary = run_experiment(cfg, run_dir, sweep_group=sweep_group)
+    except ConfigError as e:
+        _fail(str(e), EXIT_CONFIG)
+    except DivergedError as e:
+        _fail(str(e), EXIT_DIVERGED)
+    print(format_summary(summary))
+    return summary.get("best/val_acc")
+
+
+def main() -> None:
+    logging.getLogger("fedbench").setLevel(logging.INFO)
+    msg = check_group_overrides(sys.argv[1:])
+    if msg:
+        _fail(msg, EXIT_CONFIG)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Datasets, partitions and the device-resident client view of the data."""

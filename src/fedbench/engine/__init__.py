@@ -1,0 +1,1 @@
+"""Client execution: the functional loss and the sequential / batched executors."""

@@ -1,0 +1,90 @@
+"""The model as a pure function of (params, buffers), and small pytree helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+Tree = Any
+LossFn = Callable[[dict, dict, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, tuple]]
+
+
+def split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    return params, buffers
+
+
+def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "regression":
+        return (out.reshape(y.shape) - y) ** 2
+    return F.cross_entropy(out.float() if out.dtype == torch.bfloat16 else out, y, reduction="none")
+
+
+def make_loss_fn(model: nn.Module, task: str, autocast_dtype: torch.dtype | None = None) -> LossFn:
+    """loss(params, buffers, x, y, w) -> (weighted mean loss, (loss, updated buffers)).
+
+    `w` weights every sample (0 for padding), so short batches are exact. Buffers (BatchNorm running
+    statistics) are cloned before the call because train-mode BatchNorm updates them in place.
+    """
+
+    def loss_fn(params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+        bufs = {k: v.clone() for k, v in buffers.items()}
+        if autocast_dtype is not None:
+            with torch.autocast(x.device.type, dtype=autocast_dtype):
+                out = functional_call(model, (params, bufs), (x,))
+        else:
+            out = functional_call(model, (params, bufs), (x,))
+        per = per_sample_loss(out, y, task).to(w.dtype)
+        loss = (per * w).sum() / w.sum().clamp_min(1.0)
+        return loss, (loss.detach(), bufs)
+
+    return loss_fn
+
+
+def tree_where(mask: torch.Tensor, new: Tree, old: Tree) -> Tree:
+    """Per-client select: mask [K] picks `new` where True, else `old` (both stacked [K, ...])."""
+
+    def pick(n: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask.view(-1, *([1] * (n.dim() - 1))), n, o)
+
+    return tree_map(pick, new, old)
+
+
+def weighted_mean(stacked: Tree, weights: torch.Tensor) -> Tree:
+    """Weighted mean over the leading client dim; weights need not be normalised."""
+    w = weights / weights.sum()
+
+    def avg(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t[0]
+        return (w.to(t.dtype).view(-1, *([1] * (t.dim() - 1))) * t).sum(0)
+
+    return tree_map(avg, stacked)
+
+
+def tree_stack(trees: list[Tree]) -> Tree:
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flats = [tree_flatten(t) for t in trees]
+    spec = flats[0][1]
+    leaves = [torch.stack([f[0][i] for f in flats]) for i in range(len(flats[0][0]))]
+    return tree_unflatten(leaves, spec)
+
+
+def tree_index(tree: Tree, i: int | torch.Tensor) -> Tree:
+    return tree_map(lambda t: t[i], tree)
+
+
+def tree_cat(trees: list[Tree]) -> Tree:
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    flats = [tree_flatten(t) for t in trees]
+    leaves = [torch.cat([f[0][i] for f in flats]) for i in range(len(flats[0][0]))]
+    return tree_unflatten(leaves, flats[0][1])

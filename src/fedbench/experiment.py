@@ -1,0 +1,374 @@
+"""Build a run from a resolved config and drive the round loop.
+
+Owns: validation of values, device/dtype, data + partition, model, method, executor, loggers,
+checkpoint/resume and the progress bar. Knows nothing of Hydra beyond receiving a DictConfig.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import fedbench.methods  # noqa: F401  (registers methods)
+from fedbench.data import datasets as _datasets  # noqa: F401  (registers datasets)
+from fedbench.data.clients import ClientView, make_schedule, sample_cohort
+from fedbench.data.partitions import Partition, make_partition, partition_stats
+from fedbench.engine.executors import pick_executor
+from fedbench.engine.functional import make_loss_fn, split_state
+from fedbench.errors import ConfigError
+from fedbench.metrics.comm import payload_bytes
+from fedbench.metrics.evaluate import evaluate
+from fedbench.metrics.tracker import BestTracker
+from fedbench.models.backbones import build_model
+from fedbench.registry import lookup
+from fedbench.tracking.files import MetricsFile, write_json
+from fedbench.tracking.wandb_logger import MODES, WandbLogger
+
+log = logging.getLogger("fedbench")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+EXECUTORS = ("sequential", "batched", "auto")
+# keys that do not change what a run computes (ignored when matching a checkpoint to a config)
+_NON_SEMANTIC = ("resume", "logger", "progress", "output_root", "checkpoint_every")
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss; the metrics logged so far are kept."""
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    v = OmegaConf.select(cfg, key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ConfigError(f"{key}={v}: must be an integer >= {minimum}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values before any work; each failure is one line naming the key and what is allowed."""
+    for kind in ("method", "backbone", "dataset", "partition"):
+        lookup(kind, str(cfg[kind].name))
+    for key in ("rounds", "clients", "batch_size", "local_epochs", "eval_every", "checkpoint_every"):
+        _positive_int(cfg, key)
+    if cfg.local_steps is not None:
+        _positive_int(cfg, "local_steps")
+    p = cfg.participation
+    if not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise ConfigError(f"participation={p}: must be a fraction in (0, 1]")
+    if not isinstance(cfg.lr, (int, float)) or not cfg.lr > 0:
+        raise ConfigError(f"lr={cfg.lr}: must be > 0")
+    if cfg.partition.name == "dirichlet":
+        a = cfg.partition.alpha
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
+            raise ConfigError(f"partition.alpha={a}: must be a float > 0 (small alpha = more label skew)")
+    if str(cfg.hardware.dtype) not in DTYPES:
+        raise ConfigError(f"hardware.dtype={cfg.hardware.dtype}: allowed: {', '.join(DTYPES)}")
+    if str(cfg.hardware.executor) not in EXECUTORS:
+        raise ConfigError(f"hardware.executor={cfg.hardware.executor}: allowed: {', '.join(EXECUTORS)}")
+    if str(cfg.logger.wandb.mode) not in MODES:
+        raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode}: allowed: {', '.join(MODES)}")
+    if cfg.resume not in (True, False, "auto"):
+        raise ConfigError(f"resume={cfg.resume}: allowed: auto, true, false")
+    resolve_device(str(cfg.hardware.device))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"hardware.device={name}: CUDA is not available on this machine; "
+                              f"use hardware=cpu or hardware=auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"hardware.device={name}: allowed: auto, cpu, cuda, cuda:N")
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for k in _NON_SEMANTIC:
+        data.pop(k, None)
+    data.get("hardware", {}).pop("threads", None)
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ---- partition artefacts ------------------------------------------------------------------
+
+def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_classes: int,
+                    stats: dict[str, float], cfg: DictConfig) -> None:
+    counts = part.class_counts(labels, num_classes)
+    write_json(run_dir / "partition.json", {
+        "partition": OmegaConf.to_container(cfg.partition, resolve=True),
+        "clients": part.num_clients,
+        "class_counts": counts.tolist(),
+        "train_sizes": part.sizes().tolist(),
+        "val_sizes": [len(v) for v in part.val],
+        "test_sizes": [len(t) for t in part.test],
+        "stats": stats,
+    })
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(min(2 + 0.35 * num_classes, 12), min(2 + 0.12 * part.num_clients, 14)))
+        im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("class")
+        ax.set_ylabel("client")
+        ax.set_title(f"{cfg.partition.name} samples per client and class\n"
+                     f"(mean label entropy {stats['label_entropy_mean']:.2f} nats)")
+        fig.colorbar(im, ax=ax, label="samples")
+        fig.tight_layout()
+        fig.savefig(run_dir / "partition.png", dpi=80)
+        plt.close(fig)
+    except Exception as e:  # noqa: BLE001 - a plot must never stop a run
+        log.warning("partition heatmap not written: %s", e)
+
+
+# ---- checkpoint ---------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    write_json(path.with_name("run_state.json"), {k: state[k] for k in ("round", "fingerprint", "finished")})
+
+
+def find_resumable(root: Path, fp: str, exclude: Path) -> Path | None:
+    best: tuple[float, Path] | None = None
+    for state_file in root.glob("**/run_state.json"):
+        try:
+            st = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if st.get("fingerprint") == fp and not st.get("finished") and state_file.parent != exclude:
+            mtime = state_file.stat().st_mtime
+            if best is None or mtime > best[0]:
+                best = (mtime, state_file.parent)
+    return best[1] if best else None
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) -> dict[str, Any]:
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(str(cfg.hardware.device))
+    if cfg.hardware.threads:
+        torch.set_num_threads(int(cfg.hardware.threads))
+    dtype_name = str(cfg.hardware.dtype)
+    # bf16 runs as autocast over float32 master weights
+    param_dtype = torch.float64 if dtype_name == "float64" else torch.float32
+    autocast = torch.bfloat16 if dtype_name == "bfloat16" else None
+    seed = int(cfg.seed)
+    fp = fingerprint(cfg)
+
+    # resume: where does this run continue from?
+    ckpt_path = run_dir / "checkpoint.pt"
+    resume = cfg.resume
+    if resume is True and not ckpt_path.exists():
+        found = find_resumable(Path(str(cfg.output_root)), fp, run_dir)
+        if found is not None:
+            log.info("resume=true: continuing the unfinished run in %s", found)
+            (run_dir / "RESUMED_IN.txt").write_text(f"{found}\n")
+            run_dir = found
+            ckpt_path = run_dir / "checkpoint.pt"
+    checkpoint = None
+    if resume in (True, "auto") and ckpt_path.exists():
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if checkpoint["fingerprint"] != fp:
+            raise ConfigError(f"resume: {ckpt_path} was written by a different config; use resume=false "
+                              f"or another run dir")
+
+    # data and partition
+    data_cfg = cfg.dataset
+    dataset = lookup("dataset", str(data_cfg.name))(data_cfg)
+    labels = dataset.y_train.numpy()
+    part_seed = seed if cfg.partition.get("seed") is None else int(cfg.partition.seed)
+    if dataset.task == "regression":
+        part_labels = np.zeros(len(labels), dtype=np.int64)
+        n_classes_for_stats = 1
+    else:
+        part_labels, n_classes_for_stats = labels, dataset.num_classes
+    part = make_partition(part_labels, int(cfg.clients), cfg.partition, part_seed)
+    stats = partition_stats(part, part_labels, n_classes_for_stats)
+    write_partition(run_dir, part, part_labels, n_classes_for_stats, stats, cfg)
+    dataset = dataset.to(device, param_dtype)
+    view = ClientView.build(dataset.x_train, dataset.y_train, part.train)
+    sizes = torch.as_tensor(view.sizes(), dtype=param_dtype, device=device)
+
+    # model, method, executor
+    torch.manual_seed(seed)
+    model = build_model(cfg.backbone, dataset.input_shape, dataset.num_classes).to(device=device, dtype=param_dtype)
+    model.train()
+    params, buffers = split_state(model)
+    n_params = sum(p.numel() for p in params.values())
+    loss_fn = make_loss_fn(model, dataset.task, autocast)
+    hp = OmegaConf.to_container(cfg.method, resolve=True)
+    method = lookup("method", str(cfg.method.name))(hp, loss_fn, float(cfg.lr))
+    executor, why = pick_executor(str(cfg.hardware.executor), method, model, device, cfg.hardware.chunk_size)
+    log.info("executor: %s (%s)", executor.name, why)
+
+    if checkpoint is not None:
+        gstate, cstates = checkpoint["gstate"], checkpoint["cstates"]
+        start_round = int(checkpoint["round"])
+    else:
+        gstate = method.init_global(params, buffers)
+        cstates = method.init_client_states(gstate, view.num_clients)
+        start_round = 0
+    tracker = BestTracker(target=cfg.metrics.get("target"))
+    totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
+    if checkpoint is not None:
+        tracker.load_state_dict(checkpoint["tracker"])
+        totals = dict(checkpoint["totals"])
+
+    # sinks
+    metrics_file = MetricsFile(run_dir / "metrics.jsonl")
+    if checkpoint is not None:
+        metrics_file.truncate_after(start_round)
+    elif metrics_file.path.exists():
+        metrics_file.path.unlink()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    wb_cfg = cfg.logger.wandb
+    wandb_config = flatten(resolved)
+    wandb_config.update({f"partition_stats.{k}": v for k, v in stats.items()})
+    wandb_config.update({"run.executor": executor.name, "run.n_params": n_params, "run.device": str(device),
+                         "run.fingerprint": fp})
+    default_tags = [str(cfg.method.name), str(cfg.partition.name), str(cfg.dataset.name)]
+    wandb = WandbLogger(
+        str(wb_cfg.mode), run_dir, str(wb_cfg.project), wandb_config, entity=wb_cfg.entity,
+        group=wb_cfg.group or sweep_group, tags=list(wb_cfg.tags) or default_tags,
+        job_type=wb_cfg.job_type or str(cfg.method.name),
+        run_id=checkpoint.get("wandb_id") if checkpoint is not None else None,
+    )
+    log.info("partition: %s", ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
+
+    def ckpt_state(round_: int, finished: bool) -> dict[str, Any]:
+        return {"round": round_, "gstate": gstate, "cstates": cstates, "tracker": tracker.state_dict(),
+                "totals": totals, "fingerprint": fp, "wandb_id": wandb.run_id, "finished": finished}
+
+    rounds = int(cfg.rounds)
+    last_eval: dict[str, float] = {}
+    status = "completed"
+    from tqdm import tqdm
+
+    bar = tqdm(range(start_round + 1, rounds + 1), initial=start_round, total=rounds, desc="rounds",
+               disable=None if cfg.progress else True, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for r in bar:
+            t0 = time.perf_counter()
+            cohort_np = sample_cohort(seed, r, view.num_clients, float(cfg.participation))
+            cohort = torch.as_tensor(cohort_np, device=device)
+            sched = make_schedule(view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
+                                  cfg.local_steps, param_dtype, device)
+            down = method.broadcast(gstate, r)
+            cs_cohort = {k: v[cohort] for k, v in cstates.items()}
+            result = executor.run(method, down.tensors, cs_cohort, cohort, view, sched)
+            for k, v in result.client_states.items():
+                cstates[k][cohort] = v
+            gstate = method.aggregate(gstate, result.uplink, sizes[cohort], r, cohort, view.num_clients)
+            bytes_down = payload_bytes(down) * len(cohort_np)
+            bytes_up = payload_bytes(method.uplink(result.uplink))
+            round_s = time.perf_counter() - t0
+            totals["bytes_up"] += bytes_up
+            totals["bytes_down"] += bytes_down
+            totals["samples"] += result.samples
+            totals["time_s"] += round_s
+            train_loss = float(result.loss.mean())
+            row: dict[str, Any] = {
+                "round": r, "train/loss": train_loss, "clients/participants": len(cohort_np),
+                "comm/bytes_up": bytes_up, "comm/bytes_down": bytes_down,
+                "comm/bytes_up_total": totals["bytes_up"], "comm/bytes_down_total": totals["bytes_down"],
+                "comm/bytes_total": totals["bytes_up"] + totals["bytes_down"],
+            }
+            if r % int(cfg.eval_every) == 0 or r == rounds:
+                p_eval, b_eval = method.eval_state(gstate)
+                val = evaluate(model, p_eval, b_eval, dataset.x_val, dataset.y_val, dataset.task)
+                test = evaluate(model, p_eval, b_eval, dataset.x_test, dataset.y_test, dataset.task)
+                for name, d in (("val", val), ("test", test)):
+                    for k, v in d.items():
+                        row[f"global/{name}_{k}"] = v
+                key = "acc" if dataset.task == "classification" else "r2"
+                tracker.update(r, val[key], test.get(key))
+                row.update({"best/val_acc": tracker.best_val, "best/round": tracker.best_round})
+                last_eval = row
+                bar.set_postfix(val_acc=f"{val[key]:.4f}", best=f"{tracker.best_val:.4f}@{tracker.best_round}")
+            row["time/round_s"] = round_s
+            row["time/total_s"] = totals["time_s"]
+            row["throughput/samples_per_s"] = result.samples / round_s if round_s > 0 else None
+            metrics_file.append(row)
+            wandb.log(row, step=r)
+            if not math.isfinite(train_loss):
+                status = "diverged"
+                raise DivergedError(f"round {r}: training loss is {train_loss}; lower lr (now {cfg.lr}). "
+                                    f"Metrics up to round {r} are in {metrics_file.path}")
+            if r % int(cfg.checkpoint_every) == 0 and r < rounds:
+                save_checkpoint(ckpt_path, ckpt_state(r, False))
+        save_checkpoint(ckpt_path, ckpt_state(rounds, True))
+    except BaseException:
+        if status == "completed":
+            status = "interrupted"
+        raise
+    finally:
+        bar.close()
+        summary = {
+            "status": status,
+            "best/val_acc": tracker.best_val, "best/round": tracker.best_round,
+            "best/test_acc": tracker.test_at_best, "rounds_to_target": tracker.rounds_to_target,
+            "metrics.target": tracker.target,
+            "final/val_acc": last_eval.get("global/val_acc"), "final/test_acc": last_eval.get("global/test_acc"),
+            "final/test_loss": last_eval.get("global/test_loss"),
+            "comm/bytes_up_total": totals["bytes_up"], "comm/bytes_down_total": totals["bytes_down"],
+            "comm/bytes_total": totals["bytes_up"] + totals["bytes_down"],
+            "time/total_s": totals["time_s"],
+            "throughput/samples_per_s": totals["samples"] / totals["time_s"] if totals["time_s"] else None,
+            "rounds": rounds, "n_params": n_params, "executor": executor.name, "device": str(device),
+            "run_dir": str(run_dir),
+        }
+        if dataset.task == "regression":
+            summary.update({"best/val_r2": summary.pop("best/val_acc"), "best/test_r2": summary.pop("best/test_acc"),
+                            "final/test_mse": last_eval.get("global/test_mse")})
+        write_json(run_dir / "summary.json", summary)
+        wandb.summary(summary)
+        wandb.finish(exit_code=0 if status == "completed" else 1)
+    return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    return "\n".join([
+        "fedbench summary",
+        f"  best val acc      {num(s.get('best/val_acc'), '.4f')} (rounds-to-best: {s.get('best/round')})",
+        f"  test acc at best  {num(s.get('best/test_acc'), '.4f')}",
+        f"  final test acc    {num(s.get('final/test_acc'), '.4f')}",
+        f"  rounds-to-target  {s.get('rounds_to_target')} (target {s.get('metrics.target')})",
+        f"  bytes up / down   {s.get('comm/bytes_up_total'):,} / {s.get('comm/bytes_down_total'):,}",
+        f"  wall time         {num(s.get('time/total_s'), '.1f')} s ({s.get('executor')} on {s.get('device')})",
+        f"  run dir           {s.get('run_dir')}",
+    ])

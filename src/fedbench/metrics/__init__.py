@@ -1,0 +1,1 @@
+"""Metrics: payload bytes, rounds-to-best, evaluation helpers."""

@@ -1,0 +1,1 @@
+"""Backbones. Every model is `head(body(x))` so personalized methods can split it."""

@@ -1,0 +1,126 @@
+"""Small backbones for federated simulation. All are `Split(body, head)`; no in-place activations
+so the same module works under torch.func transforms."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedbench.errors import ConfigError
+from fedbench.registry import lookup, register
+
+
+class Split(nn.Module):
+    """A model as a feature extractor (`body`) followed by a classifier (`head`)."""
+
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _feature_dim(body: nn.Module, input_shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        return int(body(torch.zeros(1, *input_shape)).shape[-1])
+
+
+@register("backbone", "logreg")
+def logreg(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    return Split(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+@register("backbone", "mlp")
+def mlp(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for h in cfg.get("hidden", [200, 200]):
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        width = int(h)
+    return Split(nn.Sequential(*layers), nn.Linear(width, num_classes))
+
+
+def _pool_if_large(size: int) -> nn.Module:
+    # tiny inputs (8x8 digits) cannot be pooled twice to a useful size
+    return nn.MaxPool2d(2) if size >= 4 else nn.Identity()
+
+
+@register("backbone", "cnn")
+def cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    """The CNN of McMahan et al. 2017 (conv5x5-32, pool, conv5x5-64, pool, fc512, fc)."""
+    c, h = input_shape[0], input_shape[-1]
+    body = nn.Sequential(
+        nn.Conv2d(c, 32, 5, padding=2), nn.ReLU(), _pool_if_large(h),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), _pool_if_large(h // 2),
+        nn.Flatten(),
+    )
+    flat = _feature_dim(body, input_shape)
+    body.append(nn.Linear(flat, 512))
+    body.append(nn.ReLU())
+    return Split(body, nn.Linear(512, num_classes))
+
+
+@register("backbone", "lenet5")
+def lenet5(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    c, h = input_shape[0], input_shape[-1]
+    body = nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), _pool_if_large(h),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), _pool_if_large(max(h // 2 - 4, 0)),
+        nn.Flatten(),
+    )
+    flat = _feature_dim(body, input_shape)
+    body.append(nn.Linear(flat, 120))
+    body.append(nn.ReLU())
+    body.append(nn.Linear(120, 84))
+    body.append(nn.ReLU())
+    return Split(body, nn.Linear(84, num_classes))
+
+
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(groups, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"backbone.norm={kind!r} is unknown; allowed: batch, group, none")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = _norm(norm, cout, groups)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = _norm(norm, cout, groups)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(norm, cout, groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.n1(self.conv1(x)))
+        out = self.n2(self.conv2(out))
+        return torch.relu(out + self.short(x))
+
+
+@register("backbone", "resnet18")
+def resnet18(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    """ResNet-18 with a 3x3 stride-1 stem (CIFAR-style); BatchNorm or GroupNorm."""
+    norm, groups = str(cfg.get("norm", "group")), int(cfg.get("groups", 2))
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False), _norm(norm, 64, groups),
+                               nn.ReLU()]
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(cin, cout, stride, norm, groups), BasicBlock(cout, cout, 1, norm, groups)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Split(nn.Sequential(*layers), nn.Linear(512, num_classes))
+
+
+def build_model(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    return lookup("backbone", str(cfg.name))(cfg, input_shape, num_classes)

@@ -1,0 +1,1 @@
+"""Small independent sinks for what a run reports: JSONL/summary files and W&B."""

@@ -1,0 +1,81 @@
+"""W&B sink. Offline by default (no key, no network). A W&B failure never kills a run: it falls back
+to offline once, and if that fails too, to no W&B at all, and says so once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedbench")
+
+MODES = ("offline", "online", "disabled")
+
+
+class WandbLogger:
+    def __init__(self, mode: str, run_dir: Path, project: str, config: dict[str, Any],
+                 entity: str | None = None, group: str | None = None, tags: list[str] | None = None,
+                 job_type: str | None = None, name: str | None = None, run_id: str | None = None):
+        self.run = None
+        self.mode = mode
+        if mode == "disabled":
+            return
+        kwargs = dict(dir=str(run_dir), project=project, entity=entity, group=group, tags=tags or None,
+                      job_type=job_type, name=name, config=config, id=run_id, resume="allow" if run_id else None,
+                      reinit="finish_previous")
+        try:
+            self.run = self._init(mode, kwargs)
+        except Exception as e:  # noqa: BLE001 - any W&B failure must not kill the run
+            if mode == "online":
+                log.warning("W&B online failed (%s); logging offline instead (sync later with `wandb sync`)",
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                try:
+                    self.mode = "offline"
+                    self.run = self._init("offline", kwargs)
+                    return
+                except Exception as e2:  # noqa: BLE001
+                    e = e2
+            log.warning("W&B disabled for this run: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.mode = "disabled"
+            self.run = None
+
+    @staticmethod
+    def _init(mode: str, kwargs: dict[str, Any]):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True)
+        return wandb.init(mode=mode, settings=settings, **kwargs)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in row.items() if v is not None}, step=step)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B log failed (%s); continuing without W&B", e)
+            self.run = None
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            for k, v in values.items():
+                if v is not None:
+                    self.run.summary[k] = v
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B summary failed (%s)", e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B finish failed (%s)", e)
+        self.run = None
