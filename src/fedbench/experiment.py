@@ -46,6 +46,18 @@ class DivergedError(RuntimeError):
     """Training produced a non-finite loss; the metrics logged so far are kept."""
 
 
+class Preempted(RuntimeError):
+    """The run stopped at a round boundary after writing its checkpoint; rerun to continue."""
+
+
+class StopFlag:
+    """Set (e.g. by a signal handler) to stop at the end of the current round with a checkpoint."""
+
+    requested = False
+
+
+
+
 # ---- validation ---------------------------------------------------------------------------
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
@@ -173,7 +185,11 @@ def find_resumable(root: Path, fp: str, exclude: Path) -> Path | None:
 
 # ---- the run ------------------------------------------------------------------------------
 
-def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None) -> dict[str, Any]:
+def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None,
+                   stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or continue) one experiment in `run_dir`; returns the summary.
+
+    `stop_after=k` stops after round k as a preemption would (checkpoint, then `Preempted`)."""
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +342,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
                 status = "diverged"
                 raise DivergedError(f"round {r}: training loss is {train_loss}; lower lr (now {cfg.lr}). "
                                     f"Metrics up to round {r} are in {metrics_file.path}")
+            if r < rounds and (StopFlag.requested or (stop_after is not None and r >= stop_after)):
+                save_checkpoint(ckpt_path, ckpt_state(r, False))
+                status = "preempted"
+                raise Preempted(f"stopped after round {r}; checkpoint in {ckpt_path}")
             if r % int(cfg.checkpoint_every) == 0 and r < rounds:
                 save_checkpoint(ckpt_path, ckpt_state(r, False))
         save_checkpoint(ckpt_path, ckpt_state(rounds, True))

@@ -1,0 +1,44 @@
+"""Shared helpers: compose real Hydra configs, run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+# A run that finishes in about a second on a CPU: real digits data, logistic regression.
+TINY = ["dataset=digits", "backbone=logreg", "clients=10", "rounds=2", "participation=0.5",
+        "batch_size=16", "logger=local", "progress=false", "hardware=cpu", "checkpoint_every=1"]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_module(config_module="fedbench.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "disabled")
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "fedbench", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("**/summary.json"))
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

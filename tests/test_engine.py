@@ -1,0 +1,136 @@
+"""Executor oracle (batched == sequential in float64), determinism, resume, byte accounting."""
+
+import json
+
+import pytest
+import torch
+from conftest import compose_cfg, read_jsonl
+
+from fedbench.experiment import Preempted, run_experiment
+
+
+def final_params(run_dir):
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return ckpt["gstate"]["params"], ckpt
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "scaffold"])
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+def test_batched_equals_sequential_float64(tmp_path, tiny, method, backbone):
+    extra = [f"method={method}", f"backbone={backbone}", "hardware.dtype=float64", "rounds=2",
+             "local_epochs=2", "partition.alpha=0.3", "partition.min_samples=5", "method.momentum=0.5"]
+    if method == "fedprox":
+        extra.append("method.mu=0.1")
+    out = {}
+    for ex in ("sequential", "batched"):
+        run_experiment(compose_cfg(tiny + extra + [f"hardware.executor={ex}"]), tmp_path / ex)
+        out[ex] = final_params(tmp_path / ex)[0]
+    worst = 0.0
+    for k, a in out["sequential"].items():
+        b = out["batched"][k]
+        assert a.dtype == torch.float64
+        worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+    assert worst <= 1e-10, worst
+
+
+def test_unequal_client_sizes_and_chunking_match(tmp_path, tiny):
+    base = tiny + ["method=scaffold", "hardware.dtype=float64", "partition=iid", "partition.quantity_skew=1.0",
+                   "batch_size=7"]
+    run_experiment(compose_cfg(base + ["hardware.executor=sequential"]), tmp_path / "s")
+    run_experiment(compose_cfg(base + ["hardware.executor=batched", "hardware.chunk_size=2"]), tmp_path / "b")
+    a, ca = final_params(tmp_path / "s")
+    b, cb = final_params(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+    for k in ca["cstates"]:
+        torch.testing.assert_close(ca["cstates"][k], cb["cstates"][k], rtol=1e-10, atol=1e-12)
+
+
+def strip_time(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+
+
+def test_same_config_same_metrics(tmp_path, tiny):
+    cfg = tiny + ["rounds=3", "method=scaffold"]
+    run_experiment(compose_cfg(cfg), tmp_path / "a")
+    run_experiment(compose_cfg(cfg), tmp_path / "b")
+    a, b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert len(a) == 3 and strip_time(a) == strip_time(b)
+    c = read_jsonl(run_experiment(compose_cfg(cfg + ["seed=1"]), tmp_path / "c") and
+                   tmp_path / "c" / "metrics.jsonl")
+    assert strip_time(c) != strip_time(a)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "scaffold"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, tiny, method):
+    full = tiny + [f"method={method}", "rounds=6", "checkpoint_every=2", "method.server_momentum=0.5"]
+    run_experiment(compose_cfg(full), tmp_path / "full")
+    part = tmp_path / "part"
+    with pytest.raises(Preempted):
+        run_experiment(compose_cfg(full), part, stop_after=3)  # preempted after round 3
+    assert json.loads((part / "summary.json").read_text())["status"] == "preempted"
+    with open(part / "metrics.jsonl", "a") as f:  # a half-written row after the checkpoint
+        f.write(json.dumps({"round": 4, "train/loss": 123.0}) + "\n")
+    run_experiment(compose_cfg(full), part)  # the same command continues
+    a, _ = final_params(tmp_path / "full")
+    b, _ = final_params(part)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [r["round"] for r in rb] == list(range(1, 7))
+    assert strip_time(ra) == strip_time(rb)
+    sa = json.loads((tmp_path / "full" / "summary.json").read_text())
+    sb = json.loads((part / "summary.json").read_text())
+    for k in ("status", "best/val_acc", "best/round", "best/test_acc", "comm/bytes_total"):
+        assert sa[k] == sb[k]
+
+
+def test_resume_true_finds_the_unfinished_run(tmp_path, tiny):
+    cfg = tiny + ["rounds=4", f"output_root={tmp_path}"]
+    first = tmp_path / "2026-01-01" / "00-00-00"
+    with pytest.raises(Preempted):
+        run_experiment(compose_cfg(cfg), first, stop_after=2)
+    second = tmp_path / "2026-01-01" / "00-00-01"
+    summary = run_experiment(compose_cfg(cfg + ["resume=true"]), second)
+    assert summary["run_dir"] == str(first) and summary["status"] == "completed"
+    assert (second / "RESUMED_IN.txt").read_text().strip() == str(first)
+    run_experiment(compose_cfg(cfg), tmp_path / "ref")
+    a, _ = final_params(tmp_path / "ref")
+    b, _ = final_params(first)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    # resume=false ignores the checkpoint and starts over
+    fresh = run_experiment(compose_cfg(cfg + ["resume=false"]), first)
+    assert fresh["status"] == "completed"
+
+
+def test_fedavg_bytes_are_4PK_each_way(tmp_path, tiny):
+    cfg = compose_cfg(tiny + ["rounds=2", "clients=10", "participation=0.3"])
+    s = run_experiment(cfg, tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    P = 64 * 10 + 10  # logreg on 8x8 digits, 10 classes
+    K = 3
+    assert s["n_params"] == P
+    for r in rows:
+        assert r["clients/participants"] == K
+        assert r["comm/bytes_up"] == 4 * P * K
+        assert r["comm/bytes_down"] == 4 * P * K
+    assert s["comm/bytes_total"] == 2 * 2 * 4 * P * K
+
+
+def test_scaffold_bytes_count_control_variates(tmp_path, tiny):
+    run_experiment(compose_cfg(tiny + ["method=scaffold", "participation=0.3", "hardware.dtype=float64"]), tmp_path)
+    P, K = 64 * 10 + 10, 3
+    for r in read_jsonl(tmp_path / "metrics.jsonl"):
+        assert r["comm/bytes_up"] == 2 * 8 * P * K      # model delta + control-variate delta, float64
+        assert r["comm/bytes_down"] == 2 * 8 * P * K    # model + server control variate
+
+
+def test_rounds_to_best_is_first_max_on_validation(tmp_path, tiny):
+    s = run_experiment(compose_cfg(tiny + ["rounds=5", "eval_every=2"]), tmp_path)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "global/val_acc" in r]
+    assert [r["round"] for r in rows] == [2, 4, 5]  # eval_every=2 plus the last round
+    best = max(r["global/val_acc"] for r in rows)
+    first = next(r for r in rows if r["global/val_acc"] == best)
+    assert s["best/val_acc"] == best and s["best/round"] == first["round"]
+    assert s["best/test_acc"] == first["global/test_acc"]
