@@ -1,8 +1,8 @@
 """Hydra composition: every config group choice composes, and the fixed key names exist."""
 
 import pytest
-from conftest import compose_cfg
 
+from conftest import compose_cfg
 from fedbench.cli import GROUPS, available, check_group_overrides
 from fedbench.experiment import validate
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg, read_jsonl
 
+from conftest import compose_cfg, read_jsonl
 from fedbench.experiment import Preempted, run_experiment
 
 

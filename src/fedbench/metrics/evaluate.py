@@ -14,7 +14,7 @@ def evaluate(model: nn.Module, params: dict, buffers: dict, x: torch.Tensor, y: 
              batch: int = 2048) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    total_loss, correct, sq, n = 0.0, 0, 0.0, len(y)
+    total_loss, correct, n = 0.0, 0, len(y)
     try:
         for i in range(0, n, batch):
             out = functional_call(model, (params, buffers), (x[i:i + batch],)).float()

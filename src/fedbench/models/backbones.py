@@ -70,7 +70,8 @@ def lenet5(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     c, h = input_shape[0], input_shape[-1]
     body = nn.Sequential(
         nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), _pool_if_large(h),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), _pool_if_large(max(h // 2 - 4, 0)),
+        # small inputs (8x8 digits) keep their size through the second conv
+        nn.Conv2d(6, 16, 5, padding=0 if h // 2 >= 10 else 2), nn.ReLU(), _pool_if_large(4),
         nn.Flatten(),
     )
     flat = _feature_dim(body, input_shape)

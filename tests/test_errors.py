@@ -1,0 +1,40 @@
+"""Bad input: one clear line on stderr, exit code != 0, no traceback."""
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in err_lines if line.startswith("fedbench: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["method=fedfoo"], ["method='fedfoo' is unknown", "fedavg", "scaffold"]),
+    (["partition.alpha=0"], ["partition.alpha=0", "> 0"]),
+    (["partition.alpha=-1.5"], ["partition.alpha=-1.5"]),
+    (["clients=5000"], ["clients=5000", "training samples"]),
+    (["participation=1.5"], ["participation=1.5"]),
+    (["hardware.dtype=float16"], ["hardware.dtype=float16", "float32"]),
+])
+def test_bad_overrides(tmp_path, args, fragments):
+    assert_one_line_error(run_cli(TINY + args, tmp_path), *fragments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda(tmp_path):
+    assert_one_line_error(run_cli(TINY + ["hardware=cuda"], tmp_path), "hardware.device=cuda", "CUDA is not available")
+
+
+@pytest.mark.parametrize("name,where", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
+def test_torchvision_dataset_offline_without_files(tmp_path, name, where):
+    proc = run_cli([a for a in TINY if not a.startswith("dataset=")] +
+                   [f"dataset={name}", f"dataset.root={tmp_path / 'empty'}"], tmp_path)
+    assert_one_line_error(proc, f"dataset={name}", where, "dataset.download=true")
