@@ -85,6 +85,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"partition.alpha={a}: must be a float > 0 (small alpha = more label skew)")
     if str(cfg.hardware.dtype) not in DTYPES:
         raise ConfigError(f"hardware.dtype={cfg.hardware.dtype}: allowed: {', '.join(DTYPES)}")
+    if str(cfg.hardware.get("auto_policy", "heuristic")) not in ("heuristic", "timed"):
+        raise ConfigError(f"hardware.auto_policy={cfg.hardware.auto_policy}: allowed: heuristic, timed")
     if str(cfg.hardware.executor) not in EXECUTORS:
         raise ConfigError(f"hardware.executor={cfg.hardware.executor}: allowed: {', '.join(EXECUTORS)}")
     if str(cfg.logger.wandb.mode) not in MODES:
@@ -183,6 +185,12 @@ def find_resumable(root: Path, fp: str, exclude: Path) -> Path | None:
     return best[1] if best else None
 
 
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
 # ---- the run ------------------------------------------------------------------------------
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None,
@@ -246,9 +254,6 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
     loss_fn = make_loss_fn(model, dataset.task, autocast)
     hp = OmegaConf.to_container(cfg.method, resolve=True)
     method = lookup("method", str(cfg.method.name))(hp, loss_fn, float(cfg.lr))
-    executor, why = pick_executor(str(cfg.hardware.executor), method, model, device, cfg.hardware.chunk_size)
-    log.info("executor: %s (%s)", executor.name, why)
-
     if checkpoint is not None:
         gstate, cstates = checkpoint["gstate"], checkpoint["cstates"]
         start_round = int(checkpoint["round"])
@@ -256,6 +261,21 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
         gstate = method.init_global(params, buffers)
         cstates = method.init_client_states(gstate, view.num_clients)
         start_round = 0
+
+    def trial_round(ex: Any) -> None:
+        """Round `start_round + 1` run for timing only; its result is discarded."""
+        r = start_round + 1
+        cohort_np = sample_cohort(seed, r, view.num_clients, float(cfg.participation))
+        sched = make_schedule(view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
+                              cfg.local_steps, param_dtype, device)
+        cohort = torch.as_tensor(cohort_np, device=device)
+        ex.run(method, method.broadcast(gstate, r).tensors, {k: v[cohort] for k, v in cstates.items()}, cohort,
+               view, sched)
+
+    executor, why = pick_executor(str(cfg.hardware.executor), method, model, device, cfg.hardware.chunk_size,
+                                  bool(cfg.hardware.get("compile", False)),
+                                  str(cfg.hardware.get("auto_policy", "heuristic")), trial_round)
+    log.info("executor: %s (%s)", executor.name, why)
     tracker = BestTracker(target=cfg.metrics.get("target"))
     totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
     if checkpoint is not None:
@@ -366,6 +386,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             "comm/bytes_total": totals["bytes_up"] + totals["bytes_down"],
             "time/total_s": totals["time_s"],
             "throughput/samples_per_s": totals["samples"] / totals["time_s"] if totals["time_s"] else None,
+            "memory/peak_rss_mb": peak_rss_mb(),
+            "memory/peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                                      if device.type == "cuda" else None),
             "rounds": rounds, "n_params": n_params, "executor": executor.name, "device": str(device),
             "run_dir": str(run_dir),
         }

@@ -43,6 +43,12 @@ class BatchSchedule:
     idx: torch.Tensor        # [K, S, B] long
     weight: torch.Tensor     # [K, S, B] float
     step_mask: torch.Tensor  # [K, S] bool: step s of client k is real
+    step_mask_host: np.ndarray | None = None  # the same on the host, so executors branch without a sync
+
+    def host_mask(self) -> np.ndarray:
+        if self.step_mask_host is None:
+            self.step_mask_host = self.step_mask.cpu().numpy()
+        return self.step_mask_host
 
     @property
     def steps(self) -> int:
@@ -92,4 +98,4 @@ def make_schedule(view: ClientView, cohort: np.ndarray, seed: int, round_: int, 
         idx[row] = view.ids[view.offsets[client] + idx[row]]
     step_mask = weight.sum(-1) > 0
     return BatchSchedule(torch.from_numpy(idx).to(device), torch.from_numpy(weight).to(device, dtype),
-                         torch.from_numpy(step_mask).to(device))
+                         torch.from_numpy(step_mask).to(device), step_mask)

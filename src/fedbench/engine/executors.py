@@ -26,7 +26,11 @@ class RoundResult:
 
 def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int):
     idx = sched.idx[rows, s]
-    return view.x[idx], view.y[idx], sched.weight[rows, s]
+    flat = idx.reshape(-1)
+    # index_select on a flat index is several times faster than advanced indexing with a 2-D index
+    x = torch.index_select(view.x, 0, flat).view(*idx.shape, *view.x.shape[1:])
+    y = torch.index_select(view.y, 0, flat).view(idx.shape)
+    return x, y, sched.weight[rows, s]
 
 
 class SequentialExecutor:
@@ -40,8 +44,9 @@ class SequentialExecutor:
             local = method.client_init(down, cs, client_ids[k])
             total = torch.zeros((), dtype=sched.weight.dtype, device=sched.weight.device)
             n_steps = 0
+            host_mask = sched.host_mask()
             for s in range(sched.steps):
-                if not bool(sched.step_mask[k, s]):
+                if not host_mask[k, s]:
                     continue
                 x, y, w = _gather(view, sched, k, s)
                 local, loss = method.client_step(local, down, x, y, w)
@@ -59,15 +64,26 @@ class SequentialExecutor:
 class BatchedExecutor:
     name = "batched"
 
-    def __init__(self, chunk_size: int | None = None):
+    def __init__(self, chunk_size: int | None = None, compile: bool = False):
         self.chunk_size = chunk_size
+        self.compile = compile
+        self._compiled: dict[int, Any] = {}
+
+    def _step_fn(self, method: Any):
+        step = vmap(method.client_step, in_dims=(0, None, 0, 0, 0))
+        if not self.compile:
+            return step
+        # one compiled graph per method object; recompiles only when shapes change
+        if id(method) not in self._compiled:
+            self._compiled[id(method)] = torch.compile(step, dynamic=False)
+        return self._compiled[id(method)]
 
     def run(self, method: Any, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
             sched: BatchSchedule) -> RoundResult:
         k_total = len(client_ids)
         chunk = self.chunk_size or k_total
         init = vmap(method.client_init, in_dims=(None, 0, 0))
-        step = vmap(method.client_step, in_dims=(0, None, 0, 0, 0))
+        step = self._step_fn(method)
         final = vmap(method.client_final, in_dims=(0, None, 0))
         ups, news, losses = [], [], []
         for start in range(0, k_total, chunk):
@@ -75,13 +91,18 @@ class BatchedExecutor:
             cs = {k: v[rows] for k, v in cstates.items()} if cstates else {}
             local = init(down, cs, client_ids[rows])
             mask_rows = sched.step_mask[rows]
+            host_rows = sched.host_mask()[rows]
             total = torch.zeros(mask_rows.shape[0], dtype=sched.weight.dtype, device=sched.weight.device)
             for s in range(sched.steps):
                 x, y, w = _gather(view, sched, rows, s)
                 new_local, loss = step(local, down, x, y, w)
-                m = mask_rows[:, s]
-                local = tree_where(m, new_local, local)
-                total = total + torch.where(m, loss, torch.zeros_like(loss))
+                if host_rows[:, s].all():  # every client has a real step: no masking needed
+                    local = new_local
+                    total = total + loss
+                else:
+                    m = mask_rows[:, s]
+                    local = tree_where(m, new_local, local)
+                    total = total + torch.where(m, loss, torch.zeros_like(loss))
             up, new_cs = final(local, down, cs)
             ups.append(up)
             news.append(new_cs)
@@ -91,17 +112,36 @@ class BatchedExecutor:
 
 
 def pick_executor(requested: str, method: Any, model: torch.nn.Module, device: torch.device,
-                  chunk_size: int | None) -> tuple[Any, str]:
-    """Return (executor, reason). `auto` follows the measured facts in specs/performance.md:
-    vmap wins for small dense models and on GPUs; on a CPU, conv nets are already compute-bound."""
+                  chunk_size: int | None, compile: bool = False, policy: str = "heuristic",
+                  trial: Any = None) -> tuple[Any, str]:
+    """Return (executor, reason).
+
+    `auto` with policy `heuristic` follows the measured facts in specs/performance.md (vmap wins for
+    small dense models and on GPUs; on a CPU conv nets are already compute-bound). Policy `timed` runs
+    `trial(executor)` (one round whose result is thrown away) with each executor and keeps the faster.
+    """
     if requested == "sequential" or not getattr(method, "batchable", True):
         why = "requested" if requested == "sequential" else f"method {method.name} is sequential-only"
         return SequentialExecutor(), why
     if requested == "batched":
-        return BatchedExecutor(chunk_size), "requested"
+        return BatchedExecutor(chunk_size, compile), "requested"
+    if policy == "timed" and trial is not None:
+        import time
+
+        timings = {}
+        candidates = [SequentialExecutor(), BatchedExecutor(chunk_size, compile)]
+        for ex in candidates:
+            trial(ex)  # warm-up (and compilation)
+            t0 = time.perf_counter()
+            trial(ex)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timings[ex.name] = time.perf_counter() - t0
+        best = min(candidates, key=lambda e: timings[e.name])
+        return best, "auto (timed one round: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()) + ")"
     has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if device.type == "cuda":
-        return BatchedExecutor(chunk_size), "auto: CUDA device"
+        return BatchedExecutor(chunk_size, compile), "auto: CUDA device"
     if has_conv:
         return SequentialExecutor(), "auto: conv net on CPU (compute-bound, vmap measured slower)"
-    return BatchedExecutor(chunk_size), "auto: dense model on CPU (per-step overhead dominates)"
+    return BatchedExecutor(chunk_size, compile), "auto: dense model on CPU (per-step overhead dominates)"
