@@ -27,7 +27,8 @@ from fedbench.engine.executors import pick_executor
 from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.errors import ConfigError
 from fedbench.metrics.comm import payload_bytes
-from fedbench.metrics.evaluate import evaluate
+from fedbench.metrics.evaluate import evaluate, evaluate_fn
+from fedbench.metrics.sparsity import density, feature_support, support_scores
 from fedbench.metrics.tracker import BestTracker
 from fedbench.models.backbones import build_model
 from fedbench.registry import lookup
@@ -68,6 +69,8 @@ def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values before any work; each failure is one line naming the key and what is allowed."""
+    import fedbench.models.pretrained  # noqa: F401  (registers the pretrained backbones)
+
     for kind in ("method", "backbone", "dataset", "partition"):
         lookup(kind, str(cfg[kind].name))
     for key in ("rounds", "clients", "batch_size", "local_epochs", "eval_every", "checkpoint_every"):
@@ -191,6 +194,68 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def evaluate_global(method: Any, gstate: dict[str, Any], model: torch.nn.Module, dataset: Any):
+    """(val, test) metrics of the global model: the method's own `predict` or the backbone module."""
+    if hasattr(method, "predict"):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return method.predict(gstate, x)
+
+        return tuple(evaluate_fn(forward, x, y, dataset.task)
+                     for x, y in ((dataset.x_val, dataset.y_val), (dataset.x_test, dataset.y_test)))
+    p_eval, b_eval = method.eval_state(gstate)
+    return tuple(evaluate(model, p_eval, b_eval, x, y, dataset.task)
+                 for x, y in ((dataset.x_val, dataset.y_val), (dataset.x_test, dataset.y_test)))
+
+
+@torch.no_grad()
+def extract_features(cfg: DictConfig, dataset: Any, seed: int) -> dict[str, Any] | None:
+    """Replace every split's inputs by the features of a frozen backbone body, computed once.
+
+    `features.extractor=none` keeps the raw inputs. The extractor's weights come from
+    `features.weights` (a state dict of the whole backbone) or its seeded random init."""
+    fcfg = cfg.get("features")
+    if fcfg is None or str(fcfg.get("extractor", "none")) == "none":
+        return None
+    name = str(fcfg.extractor)
+    torch.manual_seed(int(fcfg.get("seed", seed)))
+    extra = {k: v for k, v in fcfg.items() if k not in ("extractor", "weights", "seed", "batch") and v is not None}
+    net = build_model(OmegaConf.create({"name": name, **extra}), dataset.input_shape, dataset.num_classes)
+    source = "random init (seed)"
+    if fcfg.get("weights"):
+        path = Path(str(fcfg.weights))
+        if not path.exists():
+            raise ConfigError(f"features.weights={path}: no such file")
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        source = str(path)
+    body = net.body.to(device=dataset.x_train.device, dtype=dataset.x_train.dtype).eval()
+    batch = int(fcfg.get("batch", 1024))
+    for split in ("train", "val", "test"):
+        x = getattr(dataset, f"x_{split}")
+        setattr(dataset, f"x_{split}", torch.cat([body(x[i:i + batch]) for i in range(0, len(x), batch)])
+                if len(x) else x)
+    info = {"extractor": name, "weights": source, "dim": int(dataset.x_train.shape[1])}
+    log.info("frozen features: %s (%s), %d dims", name, source, info["dim"])
+    return info
+
+
+def sparsity_metrics(method: Any, gstate: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """density / expected_density / n_gated of methods that sparsify, and TDR, recall, F1 where the
+    true support is known (never logged as 0 where it is not)."""
+    if not hasattr(method, "gated_final"):
+        return {}
+    gated = method.gated_final(gstate)
+    dens, n_gated = density(gated)
+    out: dict[str, Any] = {"sparsity/density": dens, "sparsity/n_gated": n_gated,
+                           "sparsity/nnz": int(round(dens * n_gated))}
+    if hasattr(method, "expected_density"):
+        out["sparsity/expected_density"] = method.expected_density(gstate)
+    if dataset.true_support is not None:
+        selected = feature_support(gated, int(dataset.x_train.shape[-1]))
+        if selected is not None:
+            out.update({f"sparsity/{k}": v for k, v in support_scores(selected, dataset.true_support).items()})
+    return out
+
+
 # ---- the run ------------------------------------------------------------------------------
 
 def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None = None,
@@ -234,26 +299,41 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
     labels = dataset.y_train.numpy()
     part_seed = seed if cfg.partition.get("seed") is None else int(cfg.partition.seed)
     if dataset.task == "regression":
-        part_labels = np.zeros(len(labels), dtype=np.int64)
-        n_classes_for_stats = 1
+        # label-skew partitions of a regression task skew the target: 10 quantile bins of y
+        edges = np.quantile(labels, np.linspace(0, 1, 11)[1:-1])
+        part_labels = np.searchsorted(edges, labels).astype(np.int64)
+        n_classes_for_stats = 10
     else:
         part_labels, n_classes_for_stats = labels, dataset.num_classes
     part = make_partition(part_labels, int(cfg.clients), cfg.partition, part_seed)
     stats = partition_stats(part, part_labels, n_classes_for_stats)
     write_partition(run_dir, part, part_labels, n_classes_for_stats, stats, cfg)
     dataset = dataset.to(device, param_dtype)
+    feature_info = extract_features(cfg, dataset, seed)
     view = ClientView.build(dataset.x_train, dataset.y_train, part.train)
     sizes = torch.as_tensor(view.sizes(), dtype=param_dtype, device=device)
 
-    # model, method, executor
-    torch.manual_seed(seed)
-    model = build_model(cfg.backbone, dataset.input_shape, dataset.num_classes).to(device=device, dtype=param_dtype)
-    model.train()
-    params, buffers = split_state(model)
-    n_params = sum(p.numel() for p in params.values())
-    loss_fn = make_loss_fn(model, dataset.task, autocast)
+    # method, model, executor
     hp = OmegaConf.to_container(cfg.method, resolve=True)
-    method = lookup("method", str(cfg.method.name))(hp, loss_fn, float(cfg.lr))
+    method_cls = lookup("method", str(cfg.method.name))
+    torch.manual_seed(seed)
+    model: torch.nn.Module | None = None
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    loss_fn = None
+    if method_cls.uses_backbone:
+        model = build_model(cfg.backbone, dataset.input_shape, dataset.num_classes).to(device=device,
+                                                                                        dtype=param_dtype)
+        model.train()
+        params, buffers = split_state(model)
+        loss_fn = make_loss_fn(model, dataset.task, autocast)
+    n_params = sum(p.numel() for p in params.values())
+    method = method_cls(hp, loss_fn, float(cfg.lr), num_classes=dataset.num_classes,
+                        in_features=math.prod(dataset.input_shape))
+    method.device = device
+    method.setup(params, buffers, int(cfg.rounds))
+    if hasattr(method, "check_run"):
+        method.check_run(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs), cfg.local_steps)
     if checkpoint is not None:
         gstate, cstates = checkpoint["gstate"], checkpoint["cstates"]
         start_round = int(checkpoint["round"])
@@ -267,7 +347,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
         r = start_round + 1
         cohort_np = sample_cohort(seed, r, view.num_clients, float(cfg.participation))
         sched = make_schedule(view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
-                              cfg.local_steps, param_dtype, device)
+                              cfg.local_steps, param_dtype, device, method.noise_dim)
         cohort = torch.as_tensor(cohort_np, device=device)
         ex.run(method, method.broadcast(gstate, r).tensors, {k: v[cohort] for k, v in cstates.items()}, cohort,
                view, sched)
@@ -294,6 +374,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
     wandb_config.update({f"partition_stats.{k}": v for k, v in stats.items()})
     wandb_config.update({"run.executor": executor.name, "run.n_params": n_params, "run.device": str(device),
                          "run.fingerprint": fp})
+    if feature_info:
+        wandb_config.update({f"features_info.{k}": v for k, v in feature_info.items()})
     default_tags = [str(cfg.method.name), str(cfg.partition.name), str(cfg.dataset.name)]
     wandb = WandbLogger(
         str(wb_cfg.mode), run_dir, str(wb_cfg.project), wandb_config, entity=wb_cfg.entity,
@@ -320,7 +402,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             cohort_np = sample_cohort(seed, r, view.num_clients, float(cfg.participation))
             cohort = torch.as_tensor(cohort_np, device=device)
             sched = make_schedule(view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
-                                  cfg.local_steps, param_dtype, device)
+                                  cfg.local_steps, param_dtype, device, method.noise_dim)
             down = method.broadcast(gstate, r)
             cs_cohort = {k: v[cohort] for k, v in cstates.items()}
             result = executor.run(method, down.tensors, cs_cohort, cohort, view, sched)
@@ -334,20 +416,26 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             totals["bytes_down"] += bytes_down
             totals["samples"] += result.samples
             totals["time_s"] += round_s
-            train_loss = float(result.loss.mean())
+            train_loss = float(result.loss.mean()) if method.reports_train_loss else 0.0
             row: dict[str, Any] = {
-                "round": r, "train/loss": train_loss, "clients/participants": len(cohort_np),
+                "round": r, "clients/participants": len(cohort_np),
                 "comm/bytes_up": bytes_up, "comm/bytes_down": bytes_down,
                 "comm/bytes_up_total": totals["bytes_up"], "comm/bytes_down_total": totals["bytes_down"],
                 "comm/bytes_total": totals["bytes_up"] + totals["bytes_down"],
             }
-            if r % int(cfg.eval_every) == 0 or r == rounds:
-                p_eval, b_eval = method.eval_state(gstate)
-                val = evaluate(model, p_eval, b_eval, dataset.x_val, dataset.y_val, dataset.task)
-                test = evaluate(model, p_eval, b_eval, dataset.x_test, dataset.y_test, dataset.task)
+            if method.reports_train_loss:
+                row["train/loss"] = train_loss
+            if hasattr(method, "round_metrics"):
+                row.update(method.round_metrics(gstate, r))
+            due = r % int(cfg.eval_every) == 0 or r == rounds
+            if hasattr(method, "should_evaluate"):
+                due = method.should_evaluate(r)
+            if due:
+                val, test = evaluate_global(method, gstate, model, dataset)
                 for name, d in (("val", val), ("test", test)):
                     for k, v in d.items():
                         row[f"global/{name}_{k}"] = v
+                row.update(sparsity_metrics(method, gstate, dataset))
                 key = "acc" if dataset.task == "classification" else "r2"
                 tracker.update(r, val[key], test.get(key))
                 row.update({"best/val_acc": tracker.best_val, "best/round": tracker.best_round})
@@ -389,12 +477,17 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             "memory/peak_rss_mb": peak_rss_mb(),
             "memory/peak_device_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                       if device.type == "cuda" else None),
-            "rounds": rounds, "n_params": n_params, "executor": executor.name, "device": str(device),
+            "rounds": rounds,
+            "n_params": (sum(t.numel() for t in method.model_tensors(gstate).values())
+                         if hasattr(method, "model_tensors") else n_params),
+            "executor": executor.name, "device": str(device),
             "run_dir": str(run_dir),
         }
+        summary.update({k: v for k, v in last_eval.items() if k.startswith("sparsity/")})
         if dataset.task == "regression":
             summary.update({"best/val_r2": summary.pop("best/val_acc"), "best/test_r2": summary.pop("best/test_acc"),
-                            "final/test_mse": last_eval.get("global/test_mse")})
+                            "final/test_mse": last_eval.get("global/test_mse"),
+                            "final/test_r2": last_eval.get("global/test_r2")})
         write_json(run_dir / "summary.json", summary)
         wandb.summary(summary)
         wandb.finish(exit_code=0 if status == "completed" else 1)

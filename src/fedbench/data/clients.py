@@ -44,6 +44,7 @@ class BatchSchedule:
     weight: torch.Tensor     # [K, S, B] float
     step_mask: torch.Tensor  # [K, S] bool: step s of client k is real
     step_mask_host: np.ndarray | None = None  # the same on the host, so executors branch without a sync
+    noise: torch.Tensor | None = None  # [K, S, D] uniform(0, 1) per step, for methods with noise_dim > 0
 
     def host_mask(self) -> np.ndarray:
         if self.step_mask_host is None:
@@ -68,7 +69,7 @@ def sample_cohort(seed: int, round_: int, n_clients: int, participation: float) 
 
 def make_schedule(view: ClientView, cohort: np.ndarray, seed: int, round_: int, batch_size: int,
                   local_epochs: int, local_steps: int | None, dtype: torch.dtype,
-                  device: torch.device | str) -> BatchSchedule:
+                  device: torch.device | str, noise_dim: int = 0) -> BatchSchedule:
     sizes = view.sizes()[cohort]
     b = int(batch_size)
     if local_steps is not None:
@@ -78,6 +79,7 @@ def make_schedule(view: ClientView, cohort: np.ndarray, seed: int, round_: int, 
     s_max = int(steps.max()) if len(steps) else 0
     idx = np.zeros((len(cohort), s_max, b), dtype=np.int64)
     weight = np.zeros((len(cohort), s_max, b), dtype=np.float64)
+    noise = np.zeros((len(cohort), s_max, noise_dim)) if noise_dim else None
     for row, (client, n_k, s_k) in enumerate(zip(cohort, sizes, steps, strict=True)):
         rng = client_rng(seed, round_, int(client))
         if local_steps is not None:
@@ -96,6 +98,9 @@ def make_schedule(view: ClientView, cohort: np.ndarray, seed: int, round_: int, 
                 idx[row, e * per_epoch:(e + 1) * per_epoch] = padded.reshape(per_epoch, b)
                 weight[row, e * per_epoch:(e + 1) * per_epoch] = mask.reshape(per_epoch, b)
         idx[row] = view.ids[view.offsets[client] + idx[row]]
+        if noise is not None:  # drawn after the indices, from the same client generator
+            noise[row] = rng.random((s_max, noise_dim))
     step_mask = weight.sum(-1) > 0
     return BatchSchedule(torch.from_numpy(idx).to(device), torch.from_numpy(weight).to(device, dtype),
-                         torch.from_numpy(step_mask).to(device), step_mask)
+                         torch.from_numpy(step_mask).to(device), step_mask,
+                         None if noise is None else torch.from_numpy(noise).to(device, dtype))

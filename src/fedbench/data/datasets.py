@@ -164,6 +164,36 @@ def load_synthetic_logistic(cfg: Any) -> Dataset:
                         true_support=torch.from_numpy(support), info={"theta_true": theta[:, 0]})
 
 
+@register("dataset", "synthetic_linear")
+def load_synthetic_linear(cfg: Any) -> Dataset:
+    """y = x . theta* + noise with noise variance Var(x . theta*) / snr (FLoPS's first experiment)."""
+    d, n = int(cfg.d), int(cfg.n)
+    rng = np.random.default_rng(int(cfg.get("generator_seed", 0)))
+    x = toeplitz_gaussian(n, d, float(cfg.corr), rng)
+    theta, support = sparse_coefficients(d, float(cfg.true_density), str(cfg.get("coef", "normal")), rng)
+    signal = (x @ theta)[:, 0]
+    noise_sd = math.sqrt(signal.var() / float(cfg.snr))
+    y = (signal + noise_sd * rng.standard_normal(n)).astype(np.float32)
+    return _from_arrays("synthetic_linear", x.astype(np.float32), y, cfg, 1, task="regression",
+                        true_support=torch.from_numpy(support), info={"theta_true": theta[:, 0]})
+
+
+@register("dataset", "synthetic_multiclass")
+def load_synthetic_multiclass(cfg: Any) -> Dataset:
+    """y ~ softmax(x Theta*) with row-sparse Theta* (the same features matter for every class)."""
+    d, n, c = int(cfg.d), int(cfg.n), int(cfg.classes)
+    rng = np.random.default_rng(int(cfg.get("generator_seed", 0)))
+    x = toeplitz_gaussian(n, d, float(cfg.corr), rng)
+    theta, support = sparse_coefficients(d, float(cfg.true_density), str(cfg.get("coef", "normal")), rng,
+                                         outputs=c)
+    logits = x @ theta
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = (p.cumsum(1) > rng.random((n, 1))).argmax(1).astype(np.int64)
+    return _from_arrays("synthetic_multiclass", x.astype(np.float32), y, cfg, c,
+                        true_support=torch.from_numpy(support), info={"theta_true": theta})
+
+
 # ---- torchvision datasets ---------------------------------------------------------------
 
 _TV_HINT = {

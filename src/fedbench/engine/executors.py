@@ -24,13 +24,16 @@ class RoundResult:
     samples: int            # training samples processed (for throughput)
 
 
-def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int):
+def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int) -> dict[str, torch.Tensor]:
     idx = sched.idx[rows, s]
     flat = idx.reshape(-1)
     # index_select on a flat index is several times faster than advanced indexing with a 2-D index
-    x = torch.index_select(view.x, 0, flat).view(*idx.shape, *view.x.shape[1:])
-    y = torch.index_select(view.y, 0, flat).view(idx.shape)
-    return x, y, sched.weight[rows, s]
+    batch = {"x": torch.index_select(view.x, 0, flat).view(*idx.shape, *view.x.shape[1:]),
+             "y": torch.index_select(view.y, 0, flat).view(idx.shape),
+             "w": sched.weight[rows, s]}
+    if sched.noise is not None:
+        batch["noise"] = sched.noise[rows, s]
+    return batch
 
 
 class SequentialExecutor:
@@ -48,8 +51,7 @@ class SequentialExecutor:
             for s in range(sched.steps):
                 if not host_mask[k, s]:
                     continue
-                x, y, w = _gather(view, sched, k, s)
-                local, loss = method.client_step(local, down, x, y, w)
+                local, loss = method.client_step(local, down, _gather(view, sched, k, s))
                 total = total + loss
                 n_steps += 1
             up, new_cs = method.client_final(local, down, cs)
@@ -70,7 +72,7 @@ class BatchedExecutor:
         self._compiled: dict[int, Any] = {}
 
     def _step_fn(self, method: Any):
-        step = vmap(method.client_step, in_dims=(0, None, 0, 0, 0))
+        step = vmap(method.client_step, in_dims=(0, None, 0))
         if not self.compile:
             return step
         # one compiled graph per method object; recompiles only when shapes change
@@ -94,8 +96,7 @@ class BatchedExecutor:
             host_rows = sched.host_mask()[rows]
             total = torch.zeros(mask_rows.shape[0], dtype=sched.weight.dtype, device=sched.weight.device)
             for s in range(sched.steps):
-                x, y, w = _gather(view, sched, rows, s)
-                new_local, loss = step(local, down, x, y, w)
+                new_local, loss = step(local, down, _gather(view, sched, rows, s))
                 if host_rows[:, s].all():  # every client has a real step: no masking needed
                     local = new_local
                     total = total + loss
@@ -111,7 +112,7 @@ class BatchedExecutor:
         return RoundResult(tree_cat(ups), tree_cat(news) if news and news[0] else {}, torch.cat(losses), samples)
 
 
-def pick_executor(requested: str, method: Any, model: torch.nn.Module, device: torch.device,
+def pick_executor(requested: str, method: Any, model: torch.nn.Module | None, device: torch.device,
                   chunk_size: int | None, compile: bool = False, policy: str = "heuristic",
                   trial: Any = None) -> tuple[Any, str]:
     """Return (executor, reason).
@@ -139,7 +140,7 @@ def pick_executor(requested: str, method: Any, model: torch.nn.Module, device: t
             timings[ex.name] = time.perf_counter() - t0
         best = min(candidates, key=lambda e: timings[e.name])
         return best, "auto (timed one round: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()) + ")"
-    has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    has_conv = model is not None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if device.type == "cuda":
         return BatchedExecutor(chunk_size, compile), "auto: CUDA device"
     if has_conv:

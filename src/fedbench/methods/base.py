@@ -5,11 +5,16 @@ the client dimension (a loop, or torch.func.vmap). See specs/architecture.md.
     init_client_states(global_state, n_clients)  -> persistent per-client state, stacked [N, ...]
     broadcast(global_state, round)               -> downlink Payload
     client_init(down, client_state, client_id)   -> local state
-    client_step(local, down, x, y, w)            -> (local state, loss)     # one minibatch
+    client_step(local, down, batch)              -> (local state, loss)     # one minibatch:
+                                                   batch = {x, y, w (sample weights, 0 = padding), noise?}
     client_final(local, down, client_state)      -> (uplink tensors, new client state)
     uplink(stacked_up)                           -> uplink Payload (for byte counting)
     aggregate(global_state, stacked_up, weights, round, cohort, n_clients) -> global state
     eval_state(global_state)                     -> (params, buffers) of the global model
+
+A method that needs randomness inside a step sets `noise_dim` (> 0): every step then gets
+batch["noise"], uniform(0, 1) numbers of that size drawn from the client's seeded generator for the
+round, so the sequential and batched executors see the same numbers and a resumed run redraws them.
 
 Client functions must stay batchable: no Python branches on tensor values, no .item(), no
 torch.optim objects (optimizer state lives in the local state).
@@ -32,11 +37,29 @@ Tensors = dict[str, torch.Tensor]
 class Method:
     name = "base"
     batchable = True
+    reports_train_loss = True
+    uses_backbone = True  # False: the method has its own model (predict) and no backbone is built
+    noise_dim = 0         # > 0: uniform noise of this size per local step in batch["noise"]
+    # optional hooks the runner uses when a method defines them:
+    #   predict(global_state, x) -> outputs        a model that is not the backbone module
+    #   should_evaluate(round) -> bool             evaluate on these rounds only
+    #   round_metrics(global_state, round) -> dict extra per-round metrics
+    #   check_run(rounds, participation, local_epochs, local_steps)   run-level requirements
+    #   gated_final(global_state) -> {name: tensor}  the sparsified parameters (density, TDR)
+    #   expected_density(global_state) -> float
 
-    def __init__(self, hp: dict[str, Any], loss_fn: LossFn, lr: float):
+    def __init__(self, hp: dict[str, Any], loss_fn: LossFn, lr: float, num_classes: int = 0,
+                 in_features: int = 0):
         self.hp = hp
         self.loss_fn = loss_fn
         self.lr = float(lr)
+        self.num_classes = num_classes
+        self.in_features = in_features
+        self.device = torch.device("cpu")  # the run's device; set by the runner
+
+    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
+        """Called once per run (fresh or resumed) before anything else; may set noise_dim."""
+        self.total_rounds = total_rounds
 
     # ---- server side -------------------------------------------------------------------
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
@@ -62,8 +85,8 @@ class Method:
     def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
 
-    def client_step(self, local: dict[str, Any], down: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
-                    w: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         raise NotImplementedError
 
     def client_final(self, local: dict[str, Any], down: dict[str, Any],
@@ -123,10 +146,11 @@ class LocalSGDMethod(Method):
     def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
         return g
 
-    def client_step(self, local: dict[str, Any], down: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
-                    w: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         params = local["params"]
-        g, (loss, buffers) = grad(self.loss_fn, has_aux=True)(params, local["buffers"], x, y, w)
+        g, (loss, buffers) = grad(self.loss_fn, has_aux=True)(params, local["buffers"], batch["x"], batch["y"],
+                                                               batch["w"])
         wd = float(self.hp.get("weight_decay", 0.0))
         if wd > 0:
             g = {k: g[k] + wd * params[k] for k in g}

@@ -13,7 +13,11 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 DENSE = "dense"
-SPARSE = "sparse"      # values + (int32 indices or bitmask, whichever is smaller)
+SPARSE = "sparse"        # values + (int32 indices or bitmask, whichever is smaller)
+SYMMETRIC = "symmetric"  # a symmetric matrix sent as its upper triangle: n(n+1)/2 values
+CACHED = "cached"        # already held by the receiver from an earlier round: 0 bytes
+SPARSE_GROUP = "sparse_group"  # {"mask": bool [D], name: values [D], ...}: the values at the mask's positions
+                               # for every value tensor, plus the positions once (int32 indices or bitmask)
 INDEX_BYTES = 4
 
 
@@ -40,21 +44,43 @@ def tensor_bytes(t: torch.Tensor, encoding: str = DENSE) -> int:
         return t.numel() * t.element_size()
     if encoding == SPARSE:
         return sparse_bytes(int(torch.count_nonzero(t)), t.numel(), t.element_size())
+    if encoding == SYMMETRIC:
+        n = t.shape[-1]
+        return (t.numel() // (n * n)) * n * (n + 1) // 2 * t.element_size()
+    if encoding == CACHED:
+        return 0
     raise ValueError(f"unknown payload encoding {encoding!r}")
+
+
+def sparse_group_bytes(group: dict[str, torch.Tensor]) -> int:
+    """Bytes of one (unstacked) sparse group message."""
+    mask = group["mask"]
+    nnz = int(torch.count_nonzero(mask))
+    values = sum(nnz * t.element_size() for k, t in group.items() if k != "mask")
+    return values + min(nnz * INDEX_BYTES, math.ceil(mask.numel() / 8))
 
 
 def _leaves(p: Payload):
     """(encoding, tensor) for every tensor; the encoding is set per top-level name."""
     for name, value in p.tensors.items():
+        if p.encoding(name) == SPARSE_GROUP:
+            continue
         for t in tree_leaves(value):
             yield p.encoding(name), t
+
+
+def _groups(p: Payload):
+    return [v for n, v in p.tensors.items() if p.encoding(n) == SPARSE_GROUP]
 
 
 def payload_bytes_per_message(p: Payload) -> list[int]:
     """Bytes of each message (one per client for a stacked payload, else a single one)."""
     if not p.stacked:
-        return [sum(tensor_bytes(t, enc) for enc, t in _leaves(p))]
+        return [sum(tensor_bytes(t, enc) for enc, t in _leaves(p)) + sum(sparse_group_bytes(g) for g in _groups(p))]
     counts: list[int] | None = None
+    for g in _groups(p):
+        per = [sparse_group_bytes({k: v[i] for k, v in g.items()}) for i in range(g["mask"].shape[0])]
+        counts = per if counts is None else [a + b for a, b in zip(counts, per, strict=True)]
     for enc, t in _leaves(p):
         if enc == DENSE:
             per = [t[0].numel() * t.element_size()] * t.shape[0]

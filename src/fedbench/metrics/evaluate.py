@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -14,16 +16,23 @@ def evaluate(model: nn.Module, params: dict, buffers: dict, x: torch.Tensor, y: 
              batch: int = 2048) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    total_loss, correct, n = 0.0, 0, len(y)
     try:
-        for i in range(0, n, batch):
-            out = functional_call(model, (params, buffers), (x[i:i + batch],)).float()
-            yb = y[i:i + batch]
-            total_loss += float(per_sample_loss(out, yb, task).sum())
-            if task == "classification":
-                correct += int((out.argmax(-1) == yb).sum())
+        return evaluate_fn(lambda xb: functional_call(model, (params, buffers), (xb,)), x, y, task, batch)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_fn(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, task: str,
+                batch: int = 2048) -> dict[str, float]:
+    """Accuracy/loss (or MSE/R^2) of any `forward(x) -> outputs` on a labelled set."""
+    total_loss, correct, n = 0.0, 0, len(y)
+    for i in range(0, n, batch):
+        out = forward(x[i:i + batch]).float()
+        yb = y[i:i + batch]
+        total_loss += float(per_sample_loss(out, yb, task).sum())
+        if task == "classification":
+            correct += int((out.argmax(-1) == yb).sum())
     if n == 0:
         return {}
     if task == "regression":

@@ -124,4 +124,6 @@ def resnet18(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
 
 
 def build_model(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    import fedbench.models.pretrained  # noqa: F401  (registers the pretrained backbones)
+
     return lookup("backbone", str(cfg.name))(cfg, input_shape, num_classes)

@@ -1,0 +1,156 @@
+"""DeepAFL (Tang et al., ICLR 2026): deep analytic FL with residual analytic blocks, layer by layer.
+
+    Phi_0     = tanh(x A_0 + a_0)                    A_0: d -> h, random, never trained
+    F_t       = sigma(Phi_t B_t + b_t)               B_t: h -> f, random, never trained
+    Phi_{t+1} = Phi_t + F_t Omega_{t+1}              Omega: f x h, closed form
+    logits    = Phi_n W_n                            a ridge classifier for every layer n = 0..T
+
+2T + 1 rounds, all clients every round. Round r = 2n + 1 is the classifier round of layer n (clients
+upload Phi_n^T Phi_n and Phi_n^T Y; the server solves W_n), round 2n + 2 the residual round (clients
+upload F^T F and W_n R^T F with R = Y - Phi_n W_n; the server solves the sandwiched least squares for
+Omega_{n+1}). The random maps come from a shared seed and cost 0 bytes. The model is the same for any
+partition of the data, and equals the centralised solve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedbench.errors import ConfigError
+from fedbench.methods.analytic import AnalyticMethod, ridge_solve, sandwich_solve
+from fedbench.metrics.comm import CACHED, Payload
+from fedbench.registry import register
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+@register("method", "deepafl")
+class DeepAFL(AnalyticMethod):
+    name = "deepafl"
+
+    def __init__(self, hp: dict[str, Any], loss_fn: Any, lr: float, num_classes: int = 0, in_features: int = 0):
+        super().__init__(hp, loss_fn, lr, num_classes, in_features)
+        self.T = int(hp.get("T", 20))
+        self.h = int(hp.get("h", 1024))
+        self.f = int(hp.get("f", 1024))
+        act = str(hp.get("activation", "gelu"))
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"method.activation={act}: allowed: {', '.join(ACTIVATIONS)}")
+        if self.T < 0 or self.h < 1 or self.f < 1:
+            raise ConfigError("method.T must be >= 0 and method.h, method.f >= 1")
+        self.act = ACTIVATIONS[act]
+        self.phase = ("classifier", 0)  # set by broadcast() before clients run
+
+    def required_rounds(self) -> int:
+        return 2 * self.T + 1
+
+    @staticmethod
+    def phase_of(round_: int) -> tuple[str, int]:
+        n, odd = divmod(round_ - 1, 2)
+        return ("classifier" if odd == 0 else "residual"), n
+
+    # ---- shared-seed random maps (never sent) -------------------------------------------
+    def random_maps(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(int(self.hp.get("random_seed", 0)))
+        dt = self.stats_dtype
+
+        def normal(*shape: int, fan_in: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g, dtype=dt) / math.sqrt(fan_in)).to(device)
+
+        maps = {"A0": normal(self.in_features, self.h, fan_in=self.in_features),
+                "a0": normal(self.h, fan_in=self.in_features)}
+        for t in range(self.T):
+            maps[f"B{t}"] = normal(self.h, self.f, fan_in=self.h)
+            maps[f"b{t}"] = normal(self.f, fan_in=self.h)
+        return maps
+
+    def init_global(self, params: Any, buffers: Any) -> dict[str, Any]:
+        return {"maps": self.random_maps(self.device), "W": {}, "Omega": {}, "layer": -1}
+
+    # ---- the representation ---------------------------------------------------------------
+    def features(self, maps: dict[str, torch.Tensor], omegas: dict[str, torch.Tensor], x: torch.Tensor,
+                 n: int) -> torch.Tensor:
+        """Phi_n(x) with blocks 1..n."""
+        xf = x.reshape(x.shape[0], -1).to(self.stats_dtype)
+        phi = torch.tanh(xf @ maps["A0"] + maps["a0"])
+        for t in range(n):
+            phi = phi + self.act(phi @ maps[f"B{t}"] + maps[f"b{t}"]) @ omegas[f"{t + 1}"]
+        return phi
+
+    # ---- server ---------------------------------------------------------------------------
+    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+        kind, n = self.phase_of(round_)
+        self.phase = (kind, n)
+        # Omegas the clients received in earlier rounds are cached there (0 bytes now); only the
+        # newest one, solved in the previous round, travels. The random maps never travel.
+        omegas = dict(gstate["Omega"])
+        enc = {f"omega/{k}": CACHED for k in omegas}
+        if kind == "classifier" and n > 0:
+            enc[f"omega/{n}"] = "dense"
+        tensors: dict[str, Any] = {f"omega/{k}": v for k, v in omegas.items()}
+        tensors["maps"] = gstate["maps"]
+        enc["maps"] = CACHED
+        if kind == "residual":
+            tensors["W"] = gstate["W"][n]
+        return Payload(tensors, encodings=enc)
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
+                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+        kind, n = self.phase_of(round_)
+        s = self.aggregate_sums(up)
+        new = dict(gstate, W=dict(gstate["W"]), Omega=dict(gstate["Omega"]))
+        if kind == "classifier":
+            new["W"][n] = ridge_solve(s["gram"], s["rhs"], float(self.hp.get("ridge", 1.0)))
+            new["layer"] = n
+        else:
+            new["Omega"][f"{n + 1}"] = sandwich_solve(s["gram_f"], s["cross"], gstate["W"][n],
+                                                      float(self.hp.get("residual_ridge", 0.05)))
+        return new
+
+    def should_evaluate(self, round_: int) -> bool:
+        return self.phase_of(round_)[0] == "classifier"  # a new classifier exists only after these
+
+    def round_metrics(self, gstate: dict[str, Any], round_: int) -> dict[str, Any]:
+        kind, n = self.phase_of(round_)
+        return {"analytic/layer": n, "analytic/phase": kind}
+
+    def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        n = gstate["layer"]
+        return self.features(gstate["maps"], gstate["Omega"], x, n) @ gstate["W"][n]
+
+    def model_tensors(self, gstate: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {f"W{n}": w for n, w in gstate["W"].items()}
+        out.update({f"Omega{k}": v for k, v in gstate["Omega"].items()})
+        return out
+
+    # ---- client (one client; batchable) -----------------------------------------------------
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
+        z = torch.zeros((), dtype=self.stats_dtype, device=client_id.device)
+        if self.phase[0] == "classifier":
+            return {"gram": z.new_zeros(self.h, self.h), "rhs": z.new_zeros(self.h, self.num_classes), "loss": z}
+        return {"gram_f": z.new_zeros(self.f, self.f), "cross": z.new_zeros(self.h, self.f), "loss": z}
+
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        kind, n = self.phase
+        x, y, w = batch["x"], batch["y"], batch["w"]
+        omegas = {k.split("/", 1)[1]: v for k, v in down.items() if k.startswith("omega/")}
+        phi = self.features(down["maps"], omegas, x, n)
+        ww = w.to(self.stats_dtype)[:, None]
+        y1 = self.one_hot(y, w)
+        if kind == "classifier":
+            new = {"gram": local["gram"] + phi.T @ (phi * ww), "rhs": local["rhs"] + phi.T @ y1,
+                   "loss": local["loss"]}
+        else:
+            feat = self.act(phi @ down["maps"][f"B{n}"] + down["maps"][f"b{n}"])
+            resid = y1 - (phi @ down["W"]) * ww  # the BROADCAST W_n; padding rows are zero
+            new = {"gram_f": local["gram_f"] + feat.T @ (feat * ww),
+                   "cross": local["cross"] + down["W"] @ resid.T @ feat, "loss": local["loss"]}
+        return new, local["loss"]
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
+        return {k: v for k, v in local.items() if k != "loss"}, {}

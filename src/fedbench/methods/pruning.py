@@ -1,0 +1,95 @@
+"""Magnitude-pruning baselines for FLoPS, all with a GLOBAL top-m (m = floor(rho * D) over every gated
+parameter) so that densities are comparable:
+
+- `fedht` (Fed-HT): FedAvg, then keep the top-m gated entries of the global model after each aggregation.
+- `fediterht` (FedIter-HT): also hard-threshold each client model before upload (sparse uplink).
+- `fedavg_prune`: FedAvg, then one-shot magnitude pruning of the final model (the last round's).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fedbench.methods.base import LocalSGDMethod, Tensors
+from fedbench.methods.flops import check_density, select_gated
+from fedbench.metrics.comm import SPARSE, Payload
+from fedbench.metrics.sparsity import top_m_mask
+from fedbench.registry import register
+
+
+class TopMMethod(LocalSGDMethod):
+    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
+        super().setup(params, buffers, total_rounds)
+        self.rho = check_density(self.hp, total_rounds)
+        self.gated = select_gated(params, str(self.hp.get("gated", "weights")))
+        self.m = max(1, math.floor(self.rho * sum(params[n].numel() for n in self.gated)))
+
+    def threshold(self, params: Tensors) -> Tensors:
+        gated = {n: params[n] for n in self.gated}
+        keep = top_m_mask(gated, self.m)
+        return {k: torch.where(keep[k], v, 0.0) if k in keep else v for k, v in params.items()}
+
+    def gated_final(self, gstate: dict[str, Any]) -> Tensors:
+        params, _ = self.eval_state(gstate)
+        return {n: params[n] for n in self.gated}
+
+
+@register("method", "fedht")
+class FedHT(TopMMethod):
+    name = "fedht"
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
+                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+        new = super().aggregate(gstate, up, weights, round_, cohort, n_clients)
+        new["params"] = self.threshold(new["params"])
+        return new
+
+    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+        # after round 1 the global model is m-sparse: its gated tensors travel as sparse payloads
+        gated = {n: gstate["params"][n] for n in self.gated}
+        dense = {k: v for k, v in gstate["params"].items() if k not in gated}
+        return Payload({"params": dense, "gated": gated, "buffers": gstate["buffers"]}, encodings={"gated": SPARSE})
+
+    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+        return super().client_init({"params": {**down["params"], **down["gated"]}, "buffers": down["buffers"]},
+                                   cstate, client_id)
+
+    def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
+        return g
+
+
+@register("method", "fediterht")
+class FedIterHT(FedHT):
+    name = "fediterht"
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any],
+                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+        params = self.threshold(local["params"])
+        gated = {n: params[n] for n in self.gated}
+        return {"params": {k: v for k, v in params.items() if k not in gated}, "gated": gated,
+                "buffers": local["buffers"]}, {}
+
+    def uplink(self, stacked_up: dict[str, Any]) -> Payload:
+        return Payload(stacked_up, encodings={"gated": SPARSE}, stacked=True)
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
+                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+        merged = {"params": {**up["params"], **up["gated"]}, "buffers": up["buffers"]}
+        return super().aggregate(gstate, merged, weights, round_, cohort, n_clients)
+
+
+@register("method", "fedavg_prune")
+class FedAvgPrune(TopMMethod):
+    """Dense FedAvg training; the model is pruned once, after the last round."""
+
+    name = "fedavg_prune"
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
+                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+        new = super().aggregate(gstate, up, weights, round_, cohort, n_clients)
+        if round_ == self.total_rounds:
+            new["params"] = self.threshold(new["params"])
+        return new

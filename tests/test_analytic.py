@@ -1,0 +1,138 @@
+"""AFL / DeepAFL: exact invariance to the partition, equality with a centralised solve written here
+independently, bytes from the real statistics, and singular systems."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import compose_cfg, read_jsonl
+from fedbench.data.datasets import load_digits
+from fedbench.errors import ConfigError
+from fedbench.experiment import run_experiment
+from fedbench.methods.deepafl import DeepAFL
+
+SMALL = ["dataset=digits", "logger=local", "progress=false", "hardware=cpu", "hardware.dtype=float64",
+         "batch_size=37"]
+DEEP = ["method=deepafl_small", "method.T=2", "method.h=24", "method.f=20", "rounds=5"]
+
+PARTITIONS = {
+    "iid-10": ["partition=iid", "clients=10"],
+    "dir0.1-10": ["partition=dirichlet", "partition.alpha=0.1", "clients=10", "partition.min_samples=1"],
+    "dir0.01-10": ["partition=dirichlet", "partition.alpha=0.01", "clients=10", "partition.min_samples=1",
+                   "partition.balance=true"],
+    "iid-1": ["partition=iid", "clients=1"],
+    "iid-100": ["partition=iid", "clients=100"],
+}
+
+
+def final_model(tmp_path, overrides):
+    run_experiment(compose_cfg(SMALL + overrides), tmp_path)
+    g = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["gstate"]
+    return g
+
+
+def centralised_deepafl(T, h, f, ridge, gamma, seed):
+    """Layer-wise closed form on ALL training data, written without the method's solvers:
+    Omega from vec(G Omega S) + gamma vec(Omega) = vec(F^T R W^T) with a Kronecker product."""
+    ds = load_digits(compose_cfg(["dataset=digits"]).dataset)
+    x = ds.x_train.reshape(len(ds.x_train), -1).double()
+    y = F.one_hot(ds.y_train, 10).double()
+    m = DeepAFL({"T": T, "h": h, "f": f, "random_seed": seed}, None, 0.0, num_classes=10, in_features=x.shape[1])
+    maps = m.random_maps("cpu")
+    phi = torch.tanh(x @ maps["A0"] + maps["a0"])
+    Ws, Omegas = [], []
+    for t in range(T + 1):
+        W = torch.linalg.solve(phi.T @ phi + ridge * torch.eye(h, dtype=torch.float64), phi.T @ y)
+        Ws.append(W)
+        if t == T:
+            break
+        feat = F.gelu(phi @ maps[f"B{t}"] + maps[f"b{t}"])
+        R = y - phi @ W
+        G, S = feat.T @ feat, W @ W.T
+        # column-major vec: vec(G Om S) = (S^T kron G) vec(Om)
+        A = torch.kron(S.T.contiguous(), G) + gamma * torch.eye(f * h, dtype=torch.float64)
+        rhs = (feat.T @ R @ W.T).T.reshape(-1)  # column-major vec of an f x h matrix
+        Om = torch.linalg.solve(A, rhs).reshape(h, f).T
+        Omegas.append(Om)
+        phi = phi + feat @ Om
+    return Ws, Omegas
+
+
+def test_deepafl_identical_for_any_partition_and_equal_to_centralised(tmp_path):
+    models = {name: final_model(tmp_path / name, DEEP + ov) for name, ov in PARTITIONS.items()}
+    ref = models["iid-10"]
+    for name, g in models.items():
+        for n in range(3):
+            assert (g["W"][n] - ref["W"][n]).abs().max() <= 1e-8, (name, n)
+        for k in ("1", "2"):
+            assert (g["Omega"][k] - ref["Omega"][k]).abs().max() <= 1e-8, (name, k)
+    Ws, Omegas = centralised_deepafl(2, 24, 20, 1.0, 0.05, 0)
+    for n in range(3):
+        assert (ref["W"][n] - Ws[n]).abs().max() <= 1e-8
+    for t in range(2):
+        assert (ref["Omega"][str(t + 1)] - Omegas[t]).abs().max() <= 1e-8
+
+
+def test_afl_identical_for_any_partition_and_equal_to_centralised(tmp_path):
+    models = {name: final_model(tmp_path / name, ["method=afl", "method.ridge=0.5"] + ov)
+              for name, ov in PARTITIONS.items()}
+    ds = load_digits(compose_cfg(["dataset=digits"]).dataset)
+    x = ds.x_train.reshape(len(ds.x_train), -1).double()
+    y = F.one_hot(ds.y_train, 10).double()
+    W = torch.linalg.solve(x.T @ x + 0.5 * torch.eye(64, dtype=torch.float64), x.T @ y)
+    for name, g in models.items():
+        assert (g["W"] - W).abs().max() <= 1e-8, name
+
+
+def test_batched_executor_gives_the_same_deepafl(tmp_path):
+    a = final_model(tmp_path / "s", DEEP + PARTITIONS["dir0.1-10"] + ["hardware.executor=sequential"])
+    b = final_model(tmp_path / "b", DEEP + PARTITIONS["dir0.1-10"] + ["hardware.executor=batched"])
+    for n in range(3):
+        assert (a["W"][n] - b["W"][n]).abs().max() <= 1e-8
+
+
+@pytest.mark.parametrize("dtype,size", [("float64", 8), ("float32", 4)])
+def test_deepafl_rounds_and_bytes(tmp_path, dtype, size):
+    h, f, C, K = 24, 20, 10, 10
+    s = run_experiment(compose_cfg(SMALL + DEEP + PARTITIONS["iid-10"] + [f"method.stats_dtype={dtype}"]), tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert len(rows) == 2 * 2 + 1 == s["rounds"]
+    classifier = [r for r in rows if r["analytic/phase"] == "classifier"]
+    residual = [r for r in rows if r["analytic/phase"] == "residual"]
+    assert [r["analytic/layer"] for r in classifier] == [0, 1, 2]
+    for r in classifier:
+        assert r["comm/bytes_up"] == K * (h * h + h * C) * size
+        assert "global/val_acc" in r  # per-layer accuracy
+    for r in residual:
+        assert r["comm/bytes_up"] == K * (f * f + h * f) * size
+        assert r["comm/bytes_down"] == K * h * C * size          # the broadcast W_n only
+    assert classifier[0]["comm/bytes_down"] == 0                  # random layers: shared seed, 0 bytes
+    assert classifier[1]["comm/bytes_down"] == K * f * h * size   # only the newest Omega travels
+
+
+def test_upper_triangle_encoding(tmp_path):
+    h, C, K = 24, 10, 10
+    run_experiment(compose_cfg(SMALL + DEEP + PARTITIONS["iid-10"] + ["method.upper_triangle=true"]), tmp_path)
+    first = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert first["comm/bytes_up"] == K * (h * (h + 1) // 2 + h * C) * 8
+
+
+def test_near_singular_systems_work_or_fail_clearly(tmp_path):
+    # ridge 0 on raw 8x8 digits: several pixels are always 0, so X^T X is singular -> least squares
+    s = run_experiment(compose_cfg(SMALL + ["method=afl", "method.ridge=0", "clients=10"]), tmp_path / "afl")
+    assert 0.8 < s["best/val_acc"] <= 1.0
+    # more features than samples (h = 400 > ~125 samples per client and ridge 0): still solved
+    s = run_experiment(compose_cfg(SMALL + ["method=deepafl_small", "method.T=1", "method.h=400", "method.f=16",
+                                            "rounds=3", "method.ridge=0", "clients=10"]), tmp_path / "deep")
+    assert s["best/val_acc"] is not None and s["best/val_acc"] > 0.5
+    # no residual ridge with a rank-deficient W W^T: a clear error, never silent NaN
+    with pytest.raises(ConfigError, match="residual_ridge"):
+        run_experiment(compose_cfg(SMALL + ["method=deepafl_small", "method.T=1", "method.h=400", "method.f=16",
+                                            "rounds=3", "method.residual_ridge=0", "clients=10"]), tmp_path / "s")
+
+
+def test_analytic_methods_reject_partial_participation(tmp_path):
+    with pytest.raises(ConfigError, match="participation"):
+        run_experiment(compose_cfg(SMALL + ["method=afl", "participation=0.5"]), tmp_path)
+    with pytest.raises(ConfigError, match="rounds=41"):
+        run_experiment(compose_cfg(SMALL + ["method=deepafl", "rounds=10"]), tmp_path)
