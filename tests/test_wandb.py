@@ -32,3 +32,19 @@ def test_disabled_writes_no_wandb_files(tmp_path, tiny):
     run_experiment(compose_cfg(tiny + ["logger=wandb", "logger.wandb.mode=disabled"]), tmp_path)
     assert not (tmp_path / "wandb").exists()
     assert (tmp_path / "summary.json").exists()
+
+
+def test_online_without_network_or_key_falls_back_to_offline(tmp_path, tiny):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="", HOME=str(tmp_path))
+    args = [a for a in tiny if not a.startswith("logger=")] + ["logger=wandb", f"hydra.run.dir={tmp_path / 'r'}"]
+    proc = subprocess.run([sys.executable, "-m", "fedbench", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
+    assert (proc.stdout + proc.stderr).count("logging offline instead") == 1  # said once
+    assert list((tmp_path / "r").glob("wandb/offline-run-*/run-*.wandb"))  # and logged locally

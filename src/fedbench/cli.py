@@ -15,6 +15,29 @@ from omegaconf import DictConfig
 GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger")
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 4
+
+
+def install_stop_handler() -> None:
+    """On SIGTERM (SLURM preemption / requeue / scancel), finish the current round, write the checkpoint
+    and exit; a rerun of the same job resumes from it. SIGUSR2 is left to submitit, which checkpoints and
+    requeues jobs that reach their time limit."""
+    import signal
+    import threading
+
+    from fedbench.experiment import StopFlag
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # noqa: ANN001
+        StopFlag.requested = True
+        logging.getLogger("fedbench").warning("SIGTERM: stopping after this round with a checkpoint")
+        if callable(previous) and previous not in (signal.SIG_IGN, signal.SIG_DFL):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def available(group: str) -> list[str]:
@@ -46,19 +69,22 @@ def _fail(msg: str, code: int) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from fedbench.errors import ConfigError
-    from fedbench.experiment import DivergedError, format_summary, run_experiment
+    from fedbench.experiment import DivergedError, Preempted, format_summary, run_experiment
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweep_group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     if sweep_group is not None:
         sweep_group = f"sweep-{Path(hc.sweep.dir).parent.name}-{sweep_group}"
+    install_stop_handler()
     try:
         summary = run_experiment(cfg, run_dir, sweep_group=sweep_group)
     except ConfigError as e:
         _fail(str(e), EXIT_CONFIG)
     except DivergedError as e:
         _fail(str(e), EXIT_DIVERGED)
+    except Preempted as e:
+        _fail(f"preempted: {e}; rerun the same command (resume=auto) to continue", EXIT_PREEMPTED)
     print(format_summary(summary))
     return summary.get("best/val_acc")
 

@@ -31,6 +31,7 @@ from fedbench.metrics.evaluate import evaluate, evaluate_fn
 from fedbench.metrics.sparsity import density, feature_support, support_scores
 from fedbench.metrics.tracker import BestTracker
 from fedbench.models.backbones import build_model
+from fedbench.models.warmstart import apply_warm_start, pretrain
 from fedbench.registry import lookup
 from fedbench.tracking.files import MetricsFile, write_json
 from fedbench.tracking.wandb_logger import MODES, WandbLogger
@@ -318,6 +319,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
     method_cls = lookup("method", str(cfg.method.name))
     torch.manual_seed(seed)
     model: torch.nn.Module | None = None
+    warm_info: dict[str, Any] = {}
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     loss_fn = None
@@ -325,12 +327,18 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
         model = build_model(cfg.backbone, dataset.input_shape, dataset.num_classes).to(device=device,
                                                                                         dtype=param_dtype)
         model.train()
+        if cfg.get("warm_start") is not None and cfg.warm_start.get("source"):
+            state, provenance = pretrain(cfg.backbone, cfg.warm_start, dataset.input_shape)
+            n_loaded = apply_warm_start(model, state)
+            warm_info = {**provenance, "warm_start.tensors_loaded": n_loaded}
+            log.info("warm start from %s (%d tensors)", provenance["warm_start.checkpoint"], n_loaded)
         params, buffers = split_state(model)
         loss_fn = make_loss_fn(model, dataset.task, autocast)
     n_params = sum(p.numel() for p in params.values())
     method = method_cls(hp, loss_fn, float(cfg.lr), num_classes=dataset.num_classes,
                         in_features=math.prod(dataset.input_shape))
     method.device = device
+    method.model, method.task = model, dataset.task
     method.setup(params, buffers, int(cfg.rounds))
     if hasattr(method, "check_run"):
         method.check_run(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs), cfg.local_steps)
@@ -376,6 +384,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
                          "run.fingerprint": fp})
     if feature_info:
         wandb_config.update({f"features_info.{k}": v for k, v in feature_info.items()})
+    wandb_config.update(warm_info)
+    if warm_info:
+        write_json(run_dir / "warm_start.json", warm_info)
     default_tags = [str(cfg.method.name), str(cfg.partition.name), str(cfg.dataset.name)]
     wandb = WandbLogger(
         str(wb_cfg.mode), run_dir, str(wb_cfg.project), wandb_config, entity=wb_cfg.entity,
@@ -484,6 +495,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             "run_dir": str(run_dir),
         }
         summary.update({k: v for k, v in last_eval.items() if k.startswith("sparsity/")})
+        summary.update(warm_info)
         if dataset.task == "regression":
             summary.update({"best/val_r2": summary.pop("best/val_acc"), "best/test_r2": summary.pop("best/test_acc"),
                             "final/test_mse": last_eval.get("global/test_mse"),

@@ -140,6 +140,8 @@ def pick_executor(requested: str, method: Any, model: torch.nn.Module | None, de
             timings[ex.name] = time.perf_counter() - t0
         best = min(candidates, key=lambda e: timings[e.name])
         return best, "auto (timed one round: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()) + ")"
+    if getattr(method, "prefers_sequential", False):
+        return SequentialExecutor(), f"auto: method {method.name} (padding to the longest client would waste compute)"
     has_conv = model is not None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if device.type == "cuda":
         return BatchedExecutor(chunk_size, compile), "auto: CUDA device"

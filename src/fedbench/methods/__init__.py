@@ -3,4 +3,4 @@
 Importing this package registers every method under its config name.
 """
 
-from fedbench.methods import afl, deepafl, fedavg, fedprox, flops, pruning, scaffold  # noqa: F401
+from fedbench.methods import afl, deepafl, fedavg, fedprox, fedsq, flops, pruning, scaffold  # noqa: F401

@@ -24,6 +24,7 @@ class AnalyticMethod(Method):
 
     reports_train_loss = False
     uses_backbone = False
+    prefers_sequential = True  # one pass of big matmuls per client: nothing to gain from vmap on a CPU
 
     def __init__(self, hp: dict[str, Any], loss_fn: Any, lr: float, num_classes: int = 0, in_features: int = 0):
         super().__init__(hp, loss_fn, lr, num_classes, in_features)

