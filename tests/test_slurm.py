@@ -50,9 +50,11 @@ def test_four_job_sweep_through_sbatch(tmp_path):
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 4
     assert all(json.loads(p.read_text())["status"] == "completed" for p in summaries)
-    job_dirs = [p for p in (sweep / ".submitit").iterdir() if p.is_dir()]
-    assert len(job_dirs) == 4  # one SLURM job id each: they went through sbatch
-    assert any(p.name.endswith("_submission.sh") for d in job_dirs for p in d.iterdir())
+    # one SLURM array job with 4 tasks: they went through sbatch
+    tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.is_dir() and "_" in p.name)
+    assert len(tasks) == 4 and len({t.split("_")[0] for t in tasks}) == 1
+    assert list((sweep / ".submitit").glob("*/*_submission.sh"))
+    assert all(list((sweep / ".submitit" / t).glob("*_log.out")) for t in tasks)
 
 
 def test_requeued_job_resumes_and_matches_uninterrupted(tmp_path):
