@@ -27,7 +27,8 @@ def test_equal_copies_equal_plain_forward_exactly(name):
     x = torch.randn(4, *shape, dtype=torch.float64)
     plain = model(x)
     gates = install_gates(model)
-    assert gates
+    # every activation is a gate; resnet18: stem + 2 per block x 8 blocks (incl. each post-addition one)
+    assert len(gates) == {"cnn": 3, "lenet5": 4, "resnet18": 17}[name]
     state = split_state(model)
     assert torch.equal(dual_forward(model, gates, state, state, x), plain)
 

@@ -102,11 +102,14 @@ class BasicBlock(nn.Module):
         self.short = nn.Sequential()
         if stride != 1 or cin != cout:
             self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(norm, cout, groups))
+        # activations are modules so FedSQ can turn them into gates (the second one sees the sum)
+        self.act1 = nn.ReLU()
+        self.act2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.n1(self.conv1(x)))
+        out = self.act1(self.n1(self.conv1(x)))
         out = self.n2(self.conv2(out))
-        return torch.relu(out + self.short(x))
+        return self.act2(out + self.short(x))
 
 
 @register("backbone", "resnet18")
