@@ -136,3 +136,23 @@ def test_analytic_methods_reject_partial_participation(tmp_path):
         run_experiment(compose_cfg(SMALL + ["method=afl", "participation=0.5"]), tmp_path)
     with pytest.raises(ConfigError, match="rounds=41"):
         run_experiment(compose_cfg(SMALL + ["method=deepafl", "rounds=10"]), tmp_path)
+
+
+def test_per_layer_accuracy_in_metrics_and_wandb(tmp_path):
+    from fedbench.tracking.wandb_file import read_run
+
+    run_experiment(compose_cfg(SMALL + DEEP + PARTITIONS["iid-10"] + ["logger=wandb", "logger.wandb.mode=offline"]),
+                   tmp_path)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "global/test_acc" in r]
+    run = read_run(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    hist = [h for h in run["history"] if "global/test_acc" in h]
+    assert [r["analytic/layer"] for r in rows] == [h["analytic/layer"] for h in hist] == [0, 1, 2]
+    assert [r["global/test_acc"] for r in rows] == [h["global/test_acc"] for h in hist]
+
+
+def test_frozen_features_from_the_warm_start_cnn(tmp_path):
+    s = run_experiment(compose_cfg(SMALL + ["method=afl", "clients=5", "features.extractor=cnn",
+                                            "features.weights=warm_start", "warm_start.source=mnist5k",
+                                            "warm_start.epochs=1"]), tmp_path)
+    assert s["n_params"] == 512 * 10  # AFL on the CNN's 512-d frozen features
+    assert s["best/val_acc"] > 0.6

@@ -61,6 +61,24 @@ def check_group_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def share_cores_with_parallel_jobs(cfg: DictConfig, hc: object) -> None:
+    """Under the joblib launcher (e.g. hydra/launcher=local_parallel), jobs share this machine: unless
+    hardware.threads is set, give each job cores // n_jobs torch threads instead of all cores."""
+    import os
+
+    import torch
+
+    target = str(hc.launcher.get("_target_") or "")
+    if "Joblib" not in target or cfg.hardware.get("threads"):
+        return
+    cores = os.cpu_count() or 1
+    n_jobs = int(hc.launcher.get("n_jobs", -1) or -1)
+    n_jobs = cores if n_jobs < 1 else n_jobs
+    torch.set_num_threads(max(1, cores // n_jobs))
+    logging.getLogger("fedbench").info("joblib launcher: %d jobs share %d cores -> %d torch threads per job",
+                                       n_jobs, cores, torch.get_num_threads())
+
+
 def _fail(msg: str, code: int) -> None:
     print(f"fedbench: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -77,6 +95,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if sweep_group is not None:
         sweep_group = f"sweep-{Path(hc.sweep.dir).parent.name}-{sweep_group}"
     install_stop_handler()
+    share_cores_with_parallel_jobs(cfg, hc)
     try:
         summary = run_experiment(cfg, run_dir, sweep_group=sweep_group)
     except ConfigError as e:

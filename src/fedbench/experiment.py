@@ -222,7 +222,11 @@ def extract_features(cfg: DictConfig, dataset: Any, seed: int) -> dict[str, Any]
     extra = {k: v for k, v in fcfg.items() if k not in ("extractor", "weights", "seed", "batch") and v is not None}
     net = build_model(OmegaConf.create({"name": name, **extra}), dataset.input_shape, dataset.num_classes)
     source = "random init (seed)"
-    if fcfg.get("weights"):
+    if str(fcfg.get("weights")) == "warm_start":  # the backbone pretrained centrally on warm_start.source
+        state, provenance = pretrain(OmegaConf.create({"name": name, **extra}), cfg.warm_start, dataset.input_shape)
+        apply_warm_start(net, state)
+        source = f"warm start on {cfg.warm_start.source} ({provenance['warm_start.checkpoint']})"
+    elif fcfg.get("weights"):
         path = Path(str(fcfg.weights))
         if not path.exists():
             raise ConfigError(f"features.weights={path}: no such file")

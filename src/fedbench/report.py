@@ -124,6 +124,20 @@ def _curves(df: pd.DataFrame, label_cols: list[str], x: str, y: str) -> dict[str
     return {k: pd.concat(v).groupby(x, as_index=False)[y].mean() for k, v in out.items()}
 
 
+def _save(fig: Any, ax: Any, path: Path, title: str, logx: bool = True) -> Path:
+    import matplotlib.pyplot as plt
+
+    if logx:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
@@ -143,15 +157,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
             ax.plot(c[x], c[y_key], label=label, linewidth=1.5)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{y_key} (mean over seeds)")
-        if x != "round":
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_title(f"{y_key} vs {xlabel}")
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
-        plt.close(fig)
-        written.append(out / fname)
+        written.append(_save(fig, ax, out / fname, f"{y_key} vs {xlabel}", logx=x != "round"))
     if "method.target_density" in df and "sparsity/density" in df and df["sparsity/density"].notna().any():
         fig, ax = plt.subplots(figsize=(6, 4.5))
         agg = df.groupby("method.target_density")[[c for c in ("sparsity/density", "sparsity/tdr") if c in df]].mean()
@@ -159,30 +165,16 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.plot(agg.index, agg.index, "k--", linewidth=0.8, label="target")
         if "sparsity/tdr" in agg and agg["sparsity/tdr"].notna().any():
             ax.plot(agg.index, agg["sparsity/tdr"], "s-", label="TDR")
-        ax.set_xscale("log")
         ax.set_xlabel("target density")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        ax.set_title("density and TDR vs target density")
-        fig.tight_layout()
-        fig.savefig(out / "density_tdr_vs_target.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "density_tdr_vs_target.png")
+        written.append(_save(fig, ax, out / "density_tdr_vs_target.png", "density and TDR vs target density"))
     if "partition.alpha" in df and df["partition.alpha"].nunique() > 1 and "best/round" in df:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for method, g in df.groupby("method.name"):
             a = g.groupby("partition.alpha")["best/round"].agg(["mean", "std"]).reset_index()
             ax.errorbar(a["partition.alpha"], a["mean"], yerr=a["std"].fillna(0), marker="o", capsize=3, label=method)
-        ax.set_xscale("log")
         ax.set_xlabel("Dirichlet alpha (small = more skew)")
         ax.set_ylabel("rounds-to-best (mean ± std over seeds)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        ax.set_title("rounds-to-best vs alpha")
-        fig.tight_layout()
-        fig.savefig(out / "rounds_to_best_vs_alpha.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "rounds_to_best_vs_alpha.png")
+        written.append(_save(fig, ax, out / "rounds_to_best_vs_alpha.png", "rounds-to-best vs alpha"))
     return written
 
 

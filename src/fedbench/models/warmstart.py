@@ -58,13 +58,14 @@ def pretrain(backbone_cfg: Any, ws: Any, input_shape: tuple[int, ...]) -> tuple[
     opt = torch.optim.SGD(net.parameters(), lr=spec["lr"], momentum=0.9)
     g = torch.Generator().manual_seed(spec["seed"])
     net.train()
-    for _ in range(spec["epochs"]):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), spec["batch_size"]):
-            idx = perm[i:i + spec["batch_size"]]
-            opt.zero_grad()
-            F.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
+    with torch.enable_grad():  # callers may be inside no_grad (e.g. frozen-feature extraction)
+        for _ in range(spec["epochs"]):
+            perm = torch.randperm(len(y), generator=g)
+            for i in range(0, len(y), spec["batch_size"]):
+                idx = perm[i:i + spec["batch_size"]]
+                opt.zero_grad()
+                F.cross_entropy(net(x[idx]), y[idx]).backward()
+                opt.step()
     net.eval()
     with torch.no_grad():
         acc = float((net(xv).argmax(1) == yv).float().mean()) if len(yv) else float("nan")
