@@ -71,14 +71,20 @@ def test_dual_variable_restarts_when_constraint_holds():
     assert float(c) <= 0 and float(lam3) == 0.0
 
 
-def test_gate_scaling_opens_exactly_m():
-    m = FLoPS({"target_density": 0.05, "prune_start": 3, "scale_factor": 0.1}, None, 0.0)
-    m.setup({"w": torch.zeros(1, 1000)}, {}, 10)
+@pytest.mark.parametrize("rank_by", ["log_alpha", "saliency"])
+def test_gate_scaling_opens_exactly_m(rank_by):
+    m = FLoPS({"target_density": 0.05, "prune_start": 3, "scale_factor": 0.1, "project": "final",
+               "rank_by": rank_by}, None, 0.0)
+    params = {"w": torch.randn(1, 1000, generator=torch.Generator().manual_seed(2))}
+    m.setup(params, {}, 10)
     la = torch.randn(1000, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(m.scale_gates(la, 2), la)  # before prune_start: untouched
-    out = m.scale_gates(la, 3)
+    assert torch.equal(m.scale_gates(la, params, 2), la)  # before prune_start: untouched
+    mid = m.scale_gates(la, params, 5)                    # gradual: a shift, not yet exact
+    assert int((deterministic_gate(mid) > 0).sum()) > 50
+    out = m.scale_gates(la, params, 10)                   # the last round: exactly m open
     assert int((deterministic_gate(out) > 0).sum()) == 50 == m.m
-    assert set(torch.topk(out, 50).indices.tolist()) == set(torch.topk(la, 50).indices.tolist())
+    score = m.ranking_score(la, params)
+    assert set(torch.topk(out, 50).indices.tolist()) == set(torch.topk(score, 50).indices.tolist())
 
 
 def test_tdr_recall_on_hand_made_support():

@@ -71,6 +71,12 @@ def test_requeued_job_resumes_and_matches_uninterrupted(tmp_path):
     assert rows_before < 300, "the job finished before it could be requeued; make it longer"
     job_id = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()[0]
     subprocess.run(["scontrol", "requeue", job_id], check=True)
+    # a requeued job is held ~2 minutes (BeginTime); release it now to keep CI short (if refused, it waits)
+    for _ in range(20):
+        time.sleep(1)
+        if subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                          capture_output=True).returncode == 0:
+            break
     out, _ = launcher.communicate(timeout=900)
     assert launcher.returncode == 0, out[-3000:]
     restarts = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout

@@ -123,18 +123,27 @@ class GatedMethod(Method):
         lam = torch.where(c <= 0, torch.zeros_like(lam), lam)  # dual restart once the constraint holds
         return lam, c
 
-    def scale_gates(self, la: torch.Tensor, round_: int) -> torch.Tensor:
-        """After prune_start: push the top-m gates (by log_alpha) up and the rest down by
-        scale_factor * decay^(round - prune_start), then project so that exactly m deterministic gates
-        are open (reconstructed rule; `method.project=false` keeps the plain shift)."""
+    def ranking_score(self, la: torch.Tensor, params: Tensors) -> torch.Tensor:
+        """`rank_by=log_alpha`: the gate parameter itself. `saliency` (default): P(z != 0) * |theta_tilde|,
+        which still ranks sensibly when the gates have not separated yet (large models early on)."""
+        if str(self.hp.get("rank_by", "saliency")) == "log_alpha":
+            return la
+        return prob_nonzero(la) * self.layout.flatten(params).abs()
+
+    def scale_gates(self, la: torch.Tensor, params: Tensors, round_: int) -> torch.Tensor:
+        """After prune_start: push the top-m gates up and the rest down by scale_factor *
+        decay^(round - prune_start) each round (a gradual separation), and project so that exactly m
+        deterministic gates are open: in the last round (`project=final`, default), every round
+        (`always`) or never. Reconstructed rule; all of it is config."""
         start = self.hp.get("prune_start")
         if start is None or round_ < int(start):
             return la
         step = float(self.hp.get("scale_factor", 1.0)) * float(self.hp.get("decay", 1.0)) ** (round_ - int(start))
         top = torch.zeros_like(la, dtype=torch.bool)
-        top[torch.topk(la, self.m).indices] = True
+        top[torch.topk(self.ranking_score(la, params), self.m).indices] = True
         la = torch.where(top, la + step, la - step)
-        if bool(self.hp.get("project", True)):
+        project = str(self.hp.get("project", "final"))
+        if project == "always" or (project == "final" and round_ == self.total_rounds):
             margin = float(self.hp.get("project_margin", 0.5))
             la = torch.where(top, la.clamp(min=CLOSED + margin), la.clamp(max=CLOSED - margin))
         return la.clamp(-self.la_max, self.la_max)
@@ -180,7 +189,7 @@ class FLoPS(GatedMethod):
         la = gstate["la"] - eta_phi * (g["g_la"] + gstate["lam"] * self.constraint_grad(gstate["la"]))
         la = la.clamp(-self.la_max, self.la_max)
         lam, _ = self.dual_update(gstate["lam"], la)
-        la = self.scale_gates(la, round_)
+        la = self.scale_gates(la, params, round_)
         return dict(gstate, params=params, la=la, lam=lam, constraint=self.constraint(la))
 
 
@@ -255,5 +264,5 @@ class FLoPSPA(GatedMethod):
         la = la - float(self.hp.get("eta_phi", 0.05)) * gstate["lam"] * self.constraint_grad(la)
         la = la.clamp(-self.la_max, self.la_max)
         lam, _ = self.dual_update(gstate["lam"], la)
-        la = self.scale_gates(la, round_)
+        la = self.scale_gates(la, params, round_)
         return dict(gstate, params=params, la=la, lam=lam, constraint=self.constraint(la))
