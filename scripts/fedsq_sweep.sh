@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${1:-benchmarks/fedsq/sweep}
 FEDBENCH=${FEDBENCH:-fedbench}
-COMMON=(method=fedsq,fedavg,fedprox warm_start.source=digits seed=0,1,2 rounds=20 clients=20 participation=0.5
+COMMON=(method=fedsq,fedavg,fedprox warm_start.source=digits seed=0,1,2 rounds=20 clients=20 participation=0.3
         logger=local progress=false hardware=cpu hardware.threads=1
         hydra/launcher=local_parallel hydra.launcher.n_jobs=2)
 $FEDBENCH --multirun "${COMMON[@]}" partition=iid hydra.sweep.dir="$OUT/iid"
