@@ -109,6 +109,11 @@ def to_markdown(agg: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(key: str) -> str:
+    """'override:method.target_density' -> 'target_density' (legends stay readable)."""
+    return key.replace("override:", "").split(".")[-1]
+
+
 def _curves(df: pd.DataFrame, label_cols: list[str], x: str, y: str) -> dict[str, pd.DataFrame]:
     """Per label: metrics.jsonl rows of every run with that label, averaged over seeds by x."""
     out: dict[str, list[pd.DataFrame]] = {}
@@ -119,7 +124,7 @@ def _curves(df: pd.DataFrame, label_cols: list[str], x: str, y: str) -> dict[str
         rows = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
         if x not in rows or y not in rows:
             continue
-        label = ", ".join(f"{c.replace('override:', '')}={run[c]}" for c in label_cols) or str(run.get("method.name"))
+        label = ", ".join(f"{_short(c)}={run[c]}" for c in label_cols) or str(run.get("method.name"))
         out.setdefault(label, []).append(rows[[x, y]].dropna())
     return {k: pd.concat(v).groupby(x, as_index=False)[y].mean() for k, v in out.items()}
 
@@ -130,7 +135,10 @@ def _save(fig: Any, ax: Any, path: Path, title: str, logx: bool = True) -> Path:
     if logx:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if len(ax.get_legend_handles_labels()[0]) > 4:  # many series: legend beside the plot, not on it
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8, loc="best")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -152,9 +160,11 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         curves = _curves(df, labels, x, y_key)
         if not curves:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, c in sorted(curves.items()):
-            ax.plot(c[x], c[y_key], label=label, linewidth=1.5)
+        fig, ax = plt.subplots(figsize=(10, 5))
+        styles = ["-", "--", ":", "-."]
+        for i, (label, c) in enumerate(sorted(curves.items())):
+            ax.plot(c[x], c[y_key], label=label, linewidth=1.5, linestyle=styles[(i // 10) % len(styles)],
+                    color=plt.cm.tab10(i % 10))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{y_key} (mean over seeds)")
         written.append(_save(fig, ax, out / fname, f"{y_key} vs {xlabel}", logx=x != "round"))
