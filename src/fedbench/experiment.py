@@ -354,13 +354,17 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
         cstates = method.init_client_states(gstate, view.num_clients)
         start_round = 0
 
-    def trial_round(ex: Any) -> None:
-        """Round `start_round + 1` run for timing only; its result is discarded."""
-        r = start_round + 1
+    def prepare_round(r: int) -> tuple[np.ndarray, torch.Tensor, Any]:
+        """The round's cohort and batch schedule, drawn from (seed, round, client) only."""
         cohort_np = sample_cohort(seed, r, view.num_clients, float(cfg.participation))
         sched = make_schedule(view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
                               cfg.local_steps, param_dtype, device, method.noise_dim)
-        cohort = torch.as_tensor(cohort_np, device=device)
+        return cohort_np, torch.as_tensor(cohort_np, device=device), sched
+
+    def trial_round(ex: Any) -> None:
+        """Round `start_round + 1` run for timing only; its result is discarded."""
+        r = start_round + 1
+        _, cohort, sched = prepare_round(r)
         ex.run(method, method.broadcast(gstate, r).tensors, {k: v[cohort] for k, v in cstates.items()}, cohort,
                view, sched)
 
@@ -414,10 +418,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
     try:
         for r in bar:
             t0 = time.perf_counter()
-            cohort_np = sample_cohort(seed, r, view.num_clients, float(cfg.participation))
-            cohort = torch.as_tensor(cohort_np, device=device)
-            sched = make_schedule(view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
-                                  cfg.local_steps, param_dtype, device, method.noise_dim)
+            cohort_np, cohort, sched = prepare_round(r)
             down = method.broadcast(gstate, r)
             cs_cohort = {k: v[cohort] for k, v in cstates.items()}
             result = executor.run(method, down.tensors, cs_cohort, cohort, view, sched)
