@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ HEADER = 7
 
 
 def iter_records(path: str | Path):
+    """Yield the file's protobuf records; stops at a torn tail (a chunk still being written)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
@@ -33,6 +36,8 @@ def iter_records(path: str | Path):
             pos += room  # zero padding to the end of a block
             continue
         chunk = data[pos + HEADER:pos + HEADER + length]
+        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) != _crc:
+            return  # the writer has not flushed this chunk yet
         pos += HEADER + length
         if kind == 1:
             payload = chunk
@@ -48,6 +53,32 @@ def iter_records(path: str | Path):
         rec = pb.Record()
         rec.ParseFromString(payload)
         yield rec
+
+
+def is_complete(path: str | Path) -> bool:
+    """True once the run's last record is its `exit` record (W&B writes it last, at finish)."""
+    last = None
+    try:
+        for rec in iter_records(path):
+            last = rec.WhichOneof("record_type")
+    except (OSError, ValueError):
+        return False
+    return last == "exit"
+
+
+def wait_complete(path: str | Path, timeout: float = 60.0) -> bool:
+    """Wait until the W&B service has flushed the whole run file.
+
+    `run.finish()` can return while the service still buffers the file's last block (seen under CPU
+    load), so a reader right after finish would miss rows.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if Path(path).exists() and is_complete(path):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _items(items) -> dict[str, Any]:

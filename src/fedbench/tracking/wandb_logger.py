@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedbench.tracking.wandb_file import wait_complete
+
 log = logging.getLogger("fedbench")
 
 MODES = ("offline", "online", "disabled")
@@ -65,17 +67,21 @@ class WandbLogger:
         if self.run is None:
             return
         try:
-            for k, v in values.items():
-                if v is not None:
-                    self.run.summary[k] = v
+            self.run.summary.update({k: v for k, v in values.items() if v is not None})
         except Exception as e:  # noqa: BLE001
             log.warning("W&B summary failed (%s)", e)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
+        run_file = None
         try:
+            run_file = self.run.settings.sync_file if self.mode == "offline" else None
             self.run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001
             log.warning("W&B finish failed (%s)", e)
         self.run = None
+        # the service may still hold the file's last block; wait so the run dir is complete when we return
+        if run_file and not wait_complete(run_file):
+            log.warning("W&B run file %s is not complete yet; `wandb sync` it once the service has flushed",
+                        run_file)
