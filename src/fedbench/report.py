@@ -114,6 +114,10 @@ def _short(key: str) -> str:
     return key.replace("override:", "").split(".")[-1]
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _curves(df: pd.DataFrame, label_cols: list[str], x: str, y: str) -> dict[str, pd.DataFrame]:
     """Per label: metrics.jsonl rows of every run with that label, averaged over seeds by x."""
     out: dict[str, list[pd.DataFrame]] = {}
@@ -124,7 +128,8 @@ def _curves(df: pd.DataFrame, label_cols: list[str], x: str, y: str) -> dict[str
         rows = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
         if x not in rows or y not in rows:
             continue
-        label = ", ".join(f"{_short(c)}={run[c]}" for c in label_cols) or str(run.get("method.name"))
+        parts = [f"{_short(c)}={run[c]}" for c in label_cols if not _missing(run[c])]
+        label = ", ".join(parts) or str(run.get("method.name"))
         out.setdefault(label, []).append(rows[[x, y]].dropna())
     return {k: pd.concat(v).groupby(x, as_index=False)[y].mean() for k, v in out.items()}
 
@@ -161,10 +166,15 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         if not curves:
             continue
         fig, ax = plt.subplots(figsize=(10, 5))
+        # line style tells the first swept key (usually the method), colour the rest of the label, so
+        # methods that nearly coincide stay distinguishable
         styles = ["-", "--", ":", "-."]
-        for i, (label, c) in enumerate(sorted(curves.items())):
-            ax.plot(c[x], c[y_key], label=label, linewidth=1.5, linestyle=styles[(i // 10) % len(styles)],
-                    color=plt.cm.tab10(i % 10))
+        heads = sorted({label.split(", ")[0] for label in curves})
+        tails = sorted({", ".join(label.split(", ")[1:]) for label in curves})
+        for label, c in sorted(curves.items()):
+            head, tail = label.split(", ")[0], ", ".join(label.split(", ")[1:])
+            ax.plot(c[x], c[y_key], label=label, linewidth=1.8,
+                    linestyle=styles[heads.index(head) % len(styles)], color=plt.cm.tab10(tails.index(tail) % 10))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{y_key} (mean over seeds)")
         written.append(_save(fig, ax, out / fname, f"{y_key} vs {xlabel}", logx=x != "round"))

@@ -64,7 +64,8 @@ def weighted_mean(stacked: Tree, weights: torch.Tensor) -> Tree:
     def avg(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t[0]
-        return (w.to(t.dtype).view(-1, *([1] * (t.dim() - 1))) * t).sum(0)
+        # a GEMV over the client dim: one pass, no [K, ...] temporary
+        return torch.tensordot(w.to(t.dtype), t, dims=1)
 
     return tree_map(avg, stacked)
 

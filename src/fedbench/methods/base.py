@@ -161,7 +161,8 @@ class LocalSGDMethod(Method):
             mom = {k: mu * local["mom"][k] + g[k] for k in g}
             new["mom"] = mom
             g = mom
-        new["params"] = {k: params[k] - self.lr * g[k] for k in params}
+        # one fused pass per tensor (a - lr*b would allocate twice)
+        new["params"] = {k: torch.add(params[k], g[k], alpha=-self.lr) for k in params}
         return new, loss
 
     def client_final(self, local: dict[str, Any], down: dict[str, Any],

@@ -235,7 +235,7 @@ class FLoPSPA(GatedMethod):
         g_gated = self.layout.split(torch.where(mask, self.layout.flatten(g_p), 0.0))
         g_p = {k: g_gated.get(k, g_p[k]) for k in g_p}  # inactive coordinates stay where they are
         eta_phi = float(self.hp.get("eta_phi_local", self.hp.get("eta_phi", 0.05)))
-        params = {k: local["params"][k] - self.lr * g_p[k] for k in g_p}
+        params = {k: torch.add(local["params"][k], g_p[k], alpha=-self.lr) for k in g_p}
         la = local["la"] - eta_phi * torch.where(mask, g_la, 0.0)
         return {"params": params, "la": la}, loss
 
