@@ -13,7 +13,7 @@ from conftest import compose_cfg, read_jsonl
 from fedbench.engine.functional import split_state
 from fedbench.experiment import run_experiment
 from fedbench.models.backbones import Split, build_model
-from fedbench.models.dualcopy import dual_forward, install_gates
+from fedbench.models.dualcopy import PoolGate, dual_forward, install_gates
 
 SMALL = ["dataset=digits", "clients=6", "rounds=2", "participation=0.5", "batch_size=16", "logger=local",
          "progress=false", "hardware=cpu", "warm_start.epochs=1"]
@@ -31,6 +31,36 @@ def test_equal_copies_equal_plain_forward_exactly(name):
     assert len(gates) == {"cnn": 3, "lenet5": 4, "resnet18": 17}[name]
     state = split_state(model)
     assert torch.equal(dual_forward(model, gates, state, state, x), plain)
+
+
+def test_max_pool_gating_with_equal_copies_equals_plain_forward():
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": "cnn"}), (1, 28, 28), 10).double().eval()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    plain = model(x)
+    gates = install_gates(model, max_pool=True)
+    assert sum(isinstance(g, PoolGate) for g in gates) == 2
+    state = split_state(model)
+    assert torch.equal(dual_forward(model, gates, state, state, x), plain)
+
+
+def test_max_pool_selects_at_the_structural_argmax():
+    # identity 1x1 conv then a 2x2 max-pool over a 1x2x2 input: the structural copy's max is at the
+    # first position, the quantitative copy (weight -1) would pick another one
+    net = Split(nn.Sequential(nn.Conv2d(1, 1, 1, bias=False), nn.MaxPool2d(2), nn.Flatten()), nn.Identity())
+    with torch.no_grad():
+        net.body[0].weight.fill_(1.0)
+    gates = install_gates(net, kinds=(), max_pool=True)
+    struct = split_state(net)
+    quant = copy.deepcopy(struct)
+    quant[0]["body.0.weight"] = -torch.ones(1, 1, 1, 1)
+    x = torch.tensor([[[[4.0, 1.0], [2.0, 3.0]]]])
+    assert dual_forward(net, gates, struct, quant, x).item() == -4.0  # -x at the structural argmax
+    assert net.body[1].pool(-x).item() == -1.0  # a plain max-pool of the quantitative map differs
+    # the gradient reaches only the selected input position
+    xq = x.clone().requires_grad_(True)
+    dual_forward(net, gates, struct, struct, xq).sum().backward()
+    assert xq.grad.flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_relu6_regimes_equal_plain_with_equal_copies():

@@ -3,8 +3,9 @@ regimes are fixed by a frozen STRUCTURAL copy (DualCopy, see models/dualcopy.py)
 
 The structural copy is the warm-start checkpoint itself: never trained, averaged or sent (0 bytes);
 it is public. Uplink and downlink are the quantitative copy only, exactly what FedAvg sends.
-Reconstructed details (config): which activations are gates, and whether the quantitative copy's
-BatchNorm uses batch statistics (`bn: batch`) or the pretrained ones (`bn: frozen`).
+Reconstructed details (config): which activations are gates, whether max-pools select at the
+structural copy's argmax (`max_pool_gating`), and whether the quantitative copy's BatchNorm uses batch
+statistics (`bn: batch`) or the pretrained ones (`bn: frozen`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class FedSQ(LocalSGDMethod):
         bad = set(kinds) - {"relu", "relu6"}
         if bad:
             raise ConfigError(f"method.gates={sorted(bad)}: allowed: relu, relu6")
-        self.gates = install_gates(self.model, kinds)
+        self.gates = install_gates(self.model, kinds, max_pool=bool(self.hp.get("max_pool_gating", False)))
         if not self.gates:
             raise ConfigError(f"method=fedsq: the backbone has no {' / '.join(kinds)} activations to gate")
         bn = str(self.hp.get("bn", "frozen"))

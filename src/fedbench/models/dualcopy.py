@@ -9,7 +9,9 @@ ReLU6: off / linear / saturated); a second forward with the quantitative paramet
     ReLU6:  a = lin * z + 6 * sat      lin = 1[0 < z_S < 6], sat = 1[z_S >= 6]
 
 where z_S is the structural copy's own pre-activation at that gate (in a ResNet the post-addition gate
-sees the structural copy's own sum). Masks are recomputed for every batch, never cached per sample.
+sees the structural copy's own sum). Optionally every MaxPool2d becomes a `PoolGate` too: the
+quantitative copy then takes, in each window, the value at the position the structural copy's max picked.
+Masks are recomputed for every batch, never cached per sample.
 With equal copies the DualCopy forward equals the plain forward exactly.
 """
 
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -51,9 +54,32 @@ class RegimeGate(nn.Module):
         return out
 
 
-def install_gates(model: nn.Module, kinds: tuple[str, ...] = ("relu", "relu6")) -> list[RegimeGate]:
-    """Replace ReLU / ReLU6 modules in place by RegimeGates; returns them in forward order of creation."""
-    gates: list[RegimeGate] = []
+class PoolGate(nn.Module):
+    """A MaxPool2d whose selected positions come from the structural pass (argmax gating)."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pool = pool
+        self.mode = "plain"
+        self.tape: list | None = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.mode == "plain":
+            return self.pool(z)
+        p = self.pool
+        if self.mode == "record":
+            out, idx = F.max_pool2d(z, p.kernel_size, p.stride, p.padding, p.dilation, p.ceil_mode,
+                                    return_indices=True)
+            self.tape.append(idx)
+            return out
+        idx = self.tape.pop(0)  # [N, C, H', W'] flat positions within each (N, C) plane
+        return z.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+
+
+def install_gates(model: nn.Module, kinds: tuple[str, ...] = ("relu", "relu6"),
+                  max_pool: bool = False) -> list[nn.Module]:
+    """Replace ReLU / ReLU6 (and with `max_pool`, MaxPool2d) modules in place by gates; returns them."""
+    gates: list[nn.Module] = []
 
     def visit(parent: nn.Module) -> None:
         for name, child in parent.named_children():
@@ -61,6 +87,8 @@ def install_gates(model: nn.Module, kinds: tuple[str, ...] = ("relu", "relu6")) 
                 gate = RegimeGate(6.0)
             elif isinstance(child, nn.ReLU) and "relu" in kinds:
                 gate = RegimeGate(None)
+            elif isinstance(child, nn.MaxPool2d) and max_pool:
+                gate = PoolGate(child)
             else:
                 visit(child)
                 continue
@@ -72,7 +100,7 @@ def install_gates(model: nn.Module, kinds: tuple[str, ...] = ("relu", "relu6")) 
 
 
 @contextmanager
-def gate_mode(gates: list[RegimeGate], mode: str, tape: list):
+def gate_mode(gates: list[nn.Module], mode: str, tape: list):
     for g in gates:
         g.mode, g.tape = mode, tape
     try:
@@ -82,7 +110,7 @@ def gate_mode(gates: list[RegimeGate], mode: str, tape: list):
             g.mode, g.tape = "plain", None
 
 
-def dual_forward(model: nn.Module, gates: list[RegimeGate], struct: tuple[dict, dict], quant: tuple[dict, dict],
+def dual_forward(model: nn.Module, gates: list[nn.Module], struct: tuple[dict, dict], quant: tuple[dict, dict],
                  x: torch.Tensor) -> torch.Tensor:
     """Quantitative outputs under the structural copy's gating regimes. The structural pass is
     constant (no gradient reaches the structural parameters)."""
@@ -100,7 +128,7 @@ def dual_forward(model: nn.Module, gates: list[RegimeGate], struct: tuple[dict, 
         return functional_call(model, quant, (x,))
 
 
-def make_dual_loss_fn(model: nn.Module, gates: list[RegimeGate], struct_params: dict, struct_buffers: dict,
+def make_dual_loss_fn(model: nn.Module, gates: list[nn.Module], struct_params: dict, struct_buffers: dict,
                       task: str) -> Callable[..., Any]:
     """Same contract as engine.functional.make_loss_fn, for the DualCopy forward."""
 
