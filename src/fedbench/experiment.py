@@ -208,6 +208,39 @@ def evaluate_global(method: Any, gstate: dict[str, Any], model: torch.nn.Module,
                  for x, y in ((dataset.x_val, dataset.y_val), (dataset.x_test, dataset.y_test)))
 
 
+def evaluate_personal(method: Any, gstate: dict[str, Any], cstates: dict[str, torch.Tensor],
+                      model: torch.nn.Module, dataset: Any, part: Partition) -> dict[str, float]:
+    """Each client's own model on its own local validation / test split (personal/*).
+
+    Methods without personal state (FedAvg ...) are scored with the global model on the same splits,
+    so global and personalized methods compare on equal terms."""
+    if dataset.task != "classification" or model is None:
+        return {}
+    out: dict[str, float] = {}
+    shared = None if hasattr(method, "personal_params") else method.eval_state(gstate)
+    for split, index_sets in (("val", part.val), ("test", part.test)):
+        accs, counts = [], []
+        for k, idx in enumerate(index_sets):
+            if len(idx) == 0:
+                continue
+            if shared is None:
+                train = torch.as_tensor(part.train[k], device=dataset.x_train.device)
+                params, buffers = method.personal_params(gstate, {n: v[k] for n, v in cstates.items()},
+                                                         dataset.x_train[train], dataset.y_train[train])
+            else:
+                params, buffers = shared
+            ix = torch.as_tensor(idx, device=dataset.x_train.device)
+            scores = evaluate(model, params, buffers, dataset.x_train[ix], dataset.y_train[ix], "classification")
+            accs.append(scores["acc"])
+            counts.append(len(idx))
+        if accs:
+            a, n = np.array(accs), np.array(counts)
+            out[f"personal/{split}_acc"] = float((a * n).sum() / n.sum())  # weighted by client split size
+            out[f"personal/{split}_acc_std"] = float(a.std())                # spread over clients
+            out[f"personal/{split}_acc_min"] = float(a.min())
+    return out
+
+
 @torch.no_grad()
 def extract_features(cfg: DictConfig, dataset: Any, seed: int) -> dict[str, Any] | None:
     """Replace every split's inputs by the features of a frozen backbone body, computed once.
@@ -373,9 +406,13 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
                                   str(cfg.hardware.get("auto_policy", "heuristic")), trial_round)
     log.info("executor: %s (%s)", executor.name, why)
     tracker = BestTracker(target=cfg.metrics.get("target"))
+    ptracker = BestTracker(target=cfg.metrics.get("target"))  # on personal/* (clients' own splits)
+    has_global = getattr(method, "has_global_model", True)
+    has_local_splits = any(len(t) for t in part.test) or any(len(v) for v in part.val)
     totals = {"bytes_up": 0, "bytes_down": 0, "samples": 0, "time_s": 0.0}
     if checkpoint is not None:
         tracker.load_state_dict(checkpoint["tracker"])
+        ptracker.load_state_dict(checkpoint.get("ptracker", {}))
         totals = dict(checkpoint["totals"])
 
     # sinks
@@ -406,6 +443,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
 
     def ckpt_state(round_: int, finished: bool) -> dict[str, Any]:
         return {"round": round_, "gstate": gstate, "cstates": cstates, "tracker": tracker.state_dict(),
+                "ptracker": ptracker.state_dict(),
                 "totals": totals, "fingerprint": fp, "wandb_id": wandb.run_id, "finished": finished}
 
     rounds = int(cfg.rounds)
@@ -432,6 +470,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             totals["bytes_down"] += bytes_down
             totals["samples"] += result.samples
             totals["time_s"] += round_s
+            totals["rounds_done"] = r
             train_loss = float(result.loss.mean()) if method.reports_train_loss else 0.0
             row: dict[str, Any] = {
                 "round": r, "clients/participants": len(cohort_np),
@@ -447,16 +486,27 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             if hasattr(method, "should_evaluate"):
                 due = method.should_evaluate(r)
             if due:
-                val, test = evaluate_global(method, gstate, model, dataset)
-                for name, d in (("val", val), ("test", test)):
-                    for k, v in d.items():
-                        row[f"global/{name}_{k}"] = v
-                row.update(sparsity_metrics(method, gstate, dataset))
-                key = "acc" if dataset.task == "classification" else "r2"
-                tracker.update(r, val[key], test.get(key))
-                row.update({"best/val_acc": tracker.best_val, "best/round": tracker.best_round})
+                if has_global:
+                    val, test = evaluate_global(method, gstate, model, dataset)
+                    for name, d in (("val", val), ("test", test)):
+                        for k, v in d.items():
+                            row[f"global/{name}_{k}"] = v
+                    row.update(sparsity_metrics(method, gstate, dataset))
+                    key = "acc" if dataset.task == "classification" else "r2"
+                    tracker.update(r, val[key], test.get(key))
+                    row.update({"best/val_acc": tracker.best_val, "best/round": tracker.best_round})
+                    bar.set_postfix(val_acc=f"{val[key]:.4f}", best=f"{tracker.best_val:.4f}@{tracker.best_round}")
+                if has_local_splits:
+                    personal = evaluate_personal(method, gstate, cstates, model, dataset, part)
+                    row.update(personal)
+                    if personal:
+                        select = personal.get("personal/val_acc", personal.get("personal/test_acc"))
+                        ptracker.update(r, select, personal.get("personal/test_acc"))
+                        row.update({"best/personal_val_acc": ptracker.best_val,
+                                    "best/personal_round": ptracker.best_round})
+                        if not has_global:
+                            bar.set_postfix(personal_test_acc=f"{personal.get('personal/test_acc', 0):.4f}")
                 last_eval = row
-                bar.set_postfix(val_acc=f"{val[key]:.4f}", best=f"{tracker.best_val:.4f}@{tracker.best_round}")
             row["time/round_s"] = round_s
             row["time/total_s"] = totals["time_s"]
             row["throughput/samples_per_s"] = result.samples / round_s if round_s > 0 else None
@@ -488,6 +538,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             "final/test_loss": last_eval.get("global/test_loss"),
             "comm/bytes_up_total": totals["bytes_up"], "comm/bytes_down_total": totals["bytes_down"],
             "comm/bytes_total": totals["bytes_up"] + totals["bytes_down"],
+            "comm/bytes_per_round": (totals["bytes_up"] + totals["bytes_down"]) / max(totals.get("rounds_done", 0), 1),
             "time/total_s": totals["time_s"],
             "throughput/samples_per_s": totals["samples"] / totals["time_s"] if totals["time_s"] else None,
             "memory/peak_rss_mb": peak_rss_mb(),
@@ -499,7 +550,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             "executor": executor.name, "device": str(device),
             "run_dir": str(run_dir),
         }
-        summary.update({k: v for k, v in last_eval.items() if k.startswith("sparsity/")})
+        summary.update({k: v for k, v in last_eval.items() if k.startswith(("sparsity/", "personal/"))})
+        if ptracker.best_round is not None:
+            summary.update({"best/personal_val_acc": ptracker.best_val, "best/personal_round": ptracker.best_round,
+                            "best/personal_test_acc": ptracker.test_at_best})
         summary.update(warm_info)
         if dataset.task == "regression":
             summary.update({"best/val_r2": summary.pop("best/val_acc"), "best/test_r2": summary.pop("best/test_acc"),
@@ -515,12 +569,22 @@ def format_summary(s: dict[str, Any]) -> str:
     def num(v: Any, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
-    return "\n".join([
-        "fedbench summary",
-        f"  best val acc      {num(s.get('best/val_acc'), '.4f')} (rounds-to-best: {s.get('best/round')})",
-        f"  test acc at best  {num(s.get('best/test_acc'), '.4f')}",
-        f"  final test acc    {num(s.get('final/test_acc'), '.4f')}",
-        f"  rounds-to-target  {s.get('rounds_to_target')} (target {s.get('metrics.target')})",
+    lines = ["fedbench summary"]
+    if s.get("best/round") is not None:  # a method with a global model
+        lines += [
+            f"  best val acc      {num(s.get('best/val_acc'), '.4f')} (rounds-to-best: {s.get('best/round')})",
+            f"  test acc at best  {num(s.get('best/test_acc'), '.4f')}",
+            f"  final test acc    {num(s.get('final/test_acc'), '.4f')}",
+            f"  rounds-to-target  {s.get('rounds_to_target')} (target {s.get('metrics.target')})",
+        ]
+    if s.get("personal/test_acc") is not None:  # clients' own models on their own test splits
+        lines += [
+            f"  personal test acc {num(s.get('personal/test_acc'), '.4f')} "
+            f"± {num(s.get('personal/test_acc_std'), '.4f')} over clients (final)",
+            f"  at best personal  {num(s.get('best/personal_test_acc'), '.4f')} "
+            f"(round {s.get('best/personal_round')}, chosen on the clients' validation splits)",
+        ]
+    return "\n".join(lines + [
         f"  bytes up / down   {s.get('comm/bytes_up_total'):,} / {s.get('comm/bytes_down_total'):,}",
         f"  wall time         {num(s.get('time/total_s'), '.1f')} s ({s.get('executor')} on {s.get('device')})",
         f"  run dir           {s.get('run_dir')}",

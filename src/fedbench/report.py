@@ -21,7 +21,8 @@ import yaml
 
 METRICS = ["best/val_acc", "best/round", "best/test_acc", "final/test_acc", "rounds_to_target", "best/val_r2",
            "final/test_r2", "comm/bytes_total", "time/total_s", "sparsity/density", "sparsity/tdr",
-           "sparsity/recall", "sparsity/f1"]
+           "sparsity/recall", "sparsity/f1", "personal/test_acc", "personal/test_acc_std",
+           "best/personal_test_acc", "best/personal_round", "comm/bytes_per_round"]
 
 
 def _value(text: str) -> Any:

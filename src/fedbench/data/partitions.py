@@ -167,3 +167,42 @@ def partition_stats(part: Partition, labels: np.ndarray, num_classes: int) -> di
         "size_median": float(np.median(sizes)),
         "size_max": int(sizes.max()),
     }
+
+
+@register("partition", "noniid_s")
+def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    """FedPAC / FedeCouple split: each client gets `local_size` samples, a fraction `s` drawn iid from all
+    classes and the rest from its dominant class group (client k -> group k mod `groups`). The local
+    test/validation splits are carved from these samples, so they follow the same mix."""
+    s = float(cfg.s)
+    if not 0.0 <= s <= 1.0:
+        raise ConfigError(f"partition.s={s}: the iid fraction must be in [0, 1]")
+    classes = np.unique(labels)
+    n_groups = int(cfg.get("groups", 5))
+    if not 1 <= n_groups <= len(classes):
+        raise ConfigError(f"partition.groups={n_groups}: must be in [1, {len(classes)}] (the number of classes)")
+    n = len(labels)
+    _check_common(n, n_clients, int(cfg.get("min_samples", 1)))
+    size = cfg.get("local_size")
+    size = int(size) if size is not None else int(0.95 * n / n_clients)  # slack so the pools never run dry
+    if size < 1 or size * n_clients > n:
+        raise ConfigError(f"partition.local_size={size} x clients={n_clients} exceeds the {n} training "
+                          f"samples; lower partition.local_size (null: 95% of n / clients)")
+    group_of_class = {c: g for g, cs in enumerate(np.array_split(classes, n_groups)) for c in cs}
+    free = np.ones(n, dtype=bool)
+    order = rng.permutation(n)  # a seeded random order; each draw takes the first free matches
+    n_dom = int(round((1.0 - s) * size))
+    parts: list[list[int]] = [[] for _ in range(n_clients)]
+    in_group = np.array([group_of_class[c] for c in labels[order]])
+    for k in range(n_clients):  # dominant parts first: their pools are the scarce ones
+        cand = order[(in_group == k % n_groups) & free[order]][:n_dom]
+        if len(cand) < n_dom:
+            raise ConfigError(f"partition=noniid_s: class group {k % n_groups} ran out of samples for client "
+                              f"{k}; lower partition.local_size or raise partition.s")
+        free[cand] = False
+        parts[k].extend(cand.tolist())
+    for k in range(n_clients):
+        cand = rng.permutation(np.flatnonzero(free))[: size - n_dom]
+        free[cand] = False
+        parts[k].extend(cand.tolist())
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]

@@ -24,7 +24,8 @@ class RoundResult:
     samples: int            # training samples processed (for throughput)
 
 
-def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int) -> dict[str, torch.Tensor]:
+def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int,
+            progress: bool = False) -> dict[str, torch.Tensor]:
     idx = sched.idx[rows, s]
     flat = idx.reshape(-1)
     # index_select on a flat index is several times faster than advanced indexing with a 2-D index
@@ -33,6 +34,8 @@ def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int) -> dict[s
              "w": sched.weight[rows, s]}
     if sched.noise is not None:
         batch["noise"] = sched.noise[rows, s]
+    if progress:  # s / (the client's number of steps): multi-phase local training (FedRep, FedeCouple)
+        batch["progress"] = s / sched.step_mask[rows].sum(-1).clamp_min(1).to(sched.weight.dtype)
     return batch
 
 
@@ -42,6 +45,7 @@ class SequentialExecutor:
     def run(self, method: Any, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
             sched: BatchSchedule) -> RoundResult:
         ups, news, losses = [], [], []
+        progress = getattr(method, "needs_progress", False)
         for k in range(len(client_ids)):
             cs = tree_index(cstates, k)
             local = method.client_init(down, cs, client_ids[k])
@@ -51,7 +55,7 @@ class SequentialExecutor:
             for s in range(sched.steps):
                 if not host_mask[k, s]:
                     continue
-                local, loss = method.client_step(local, down, _gather(view, sched, k, s))
+                local, loss = method.client_step(local, down, _gather(view, sched, k, s, progress))
                 total = total + loss
                 n_steps += 1
             up, new_cs = method.client_final(local, down, cs)
@@ -88,6 +92,7 @@ class BatchedExecutor:
         step = self._step_fn(method)
         final = vmap(method.client_final, in_dims=(0, None, 0))
         ups, news, losses = [], [], []
+        progress = getattr(method, "needs_progress", False)
         for start in range(0, k_total, chunk):
             rows = slice(start, min(start + chunk, k_total))
             cs = {k: v[rows] for k, v in cstates.items()} if cstates else {}
@@ -96,7 +101,7 @@ class BatchedExecutor:
             host_rows = sched.host_mask()[rows]
             total = torch.zeros(mask_rows.shape[0], dtype=sched.weight.dtype, device=sched.weight.device)
             for s in range(sched.steps):
-                new_local, loss = step(local, down, _gather(view, sched, rows, s))
+                new_local, loss = step(local, down, _gather(view, sched, rows, s, progress))
                 if host_rows[:, s].all():  # every client has a real step: no masking needed
                     local = new_local
                     total = total + loss

@@ -3,4 +3,21 @@
 Importing this package registers every method under its config name.
 """
 
-from fedbench.methods import afl, deepafl, fedavg, fedprox, fedsq, flops, pruning, scaffold  # noqa: F401
+from fedbench.methods import (  # noqa: F401
+    afl,
+    deepafl,
+    ditto,
+    fedavg,
+    fedbabu,
+    fedecouple,
+    fedper,
+    fedproto,
+    fedprox,
+    fedrep,
+    fedsq,
+    flops,
+    lgfedavg,
+    local,
+    pruning,
+    scaffold,
+)

@@ -1,0 +1,50 @@
+"""Ditto (Li et al. 2021): a global model trained exactly as FedAvg, plus a personal model per client
+trained on the same batches with a proximal pull `lambda/2 ||v - w_global||^2` toward the broadcast
+global model. Sends what FedAvg sends; the personal models (all parameters, [N, ...]) never leave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import grad
+
+from fedbench.methods.base import Tensors
+from fedbench.methods.personal import PersonalizedMethod
+from fedbench.registry import register
+
+PERSONAL = "v:"
+
+
+@register("method", "ditto")
+class Ditto(PersonalizedMethod):
+    name = "ditto"
+    shared = "all"
+    has_global_model = True
+
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+        return {PERSONAL + k: v.detach().unsqueeze(0).repeat(n_clients, *[1] * v.dim())
+                for k, v in gstate["params"].items()}
+
+    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+        local = super().client_init(down, {}, client_id)
+        local["v"] = {k: cstate[PERSONAL + k].clone() for k in down["params"]}
+        return local
+
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        new, loss = super().client_step(local, down, batch)  # the global model's FedAvg step
+        lam = float(self.hp.get("lam", 0.1))
+        g_v, _ = grad(self.loss_fn, has_aux=True)(local["v"], local["buffers"], batch["x"], batch["y"], batch["w"])
+        g_v = {k: g_v[k] + lam * (local["v"][k] - down["params"][k]) for k in g_v}
+        new["v"] = self.sgd(local["v"], g_v, local, new, {}, mom_key="mom_v")
+        return new, loss
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any],
+                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+        up, _ = super().client_final(local, down, cstate)
+        return up, {PERSONAL + k: v for k, v in local["v"].items()}
+
+    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+                        y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        return {k: cstate[PERSONAL + k] for k in gstate["params"]}, gstate["buffers"]

@@ -1,0 +1,42 @@
+"""FedBABU (Oh et al. 2022): during FL the classifier stays frozen at its (shared, seeded) initial
+values and only the body is trained, sent and averaged; each client fine-tunes the head on its own
+training data before it predicts (`method.finetune_steps` full-batch steps at `method.finetune_lr`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import grad
+
+from fedbench.methods.base import Tensors
+from fedbench.methods.personal import PersonalizedMethod
+from fedbench.registry import register
+
+
+@register("method", "fedbabu")
+class FedBABU(PersonalizedMethod):
+    name = "fedbabu"
+    shared = "body"
+
+    def grad_mask(self, local: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {k: 0.0 for k in local["params"] if k.startswith("head.")}
+
+    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+                        y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        params, buffers = super().personal_params(gstate, cstate, x_train, y_train)
+        steps = int(self.hp.get("finetune_steps", 10))
+        lr = float(self.hp.get("finetune_lr", self.lr))
+        with torch.no_grad():
+            h = self.features(params, buffers, x_train)
+        w = torch.ones(len(y_train), dtype=h.dtype, device=h.device)
+        head = {k: v for k, v in params.items() if k.startswith("head.")}
+
+        def loss(hp: Tensors) -> torch.Tensor:
+            return self.weighted_ce(self.classify(hp, h), {"y": y_train, "w": w})
+
+        with torch.enable_grad():
+            for _ in range(steps):
+                g = grad(loss)(head)
+                head = {k: head[k] - lr * g[k] for k in head}
+        return {**params, **head}, buffers

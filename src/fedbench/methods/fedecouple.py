@@ -1,0 +1,196 @@
+"""FedeCouple (arXiv 2511.09599). The full text was not available: components from the abstract,
+formulas reconstructed (every choice below is a config option, see conf/method/fedecouple.yaml).
+
+Server: a global extractor theta (`body.*`) and a global classifier phi_g (`head.*`). Client i keeps a
+personal classifier phi_i and class anchors A_i across rounds (stacked [N, ...] client state). One local
+round, phases by the share of the client's local steps (`phase_fractions`, in `phase_order`):
+  glf_global: train theta with phi_g frozen: CE(g(f(x); phi_g), y) + mu * ||f(x) - a_y||^2   (GLF + GFA)
+  gpc:        train phi_i on frozen features: CE(g(h; phi_i), y)
+              + kappa_t * tau^2 * KL(softmax(g(h; phi_g)/tau) || softmax(g(h; phi_i)/tau))   (GPC)
+  glf_local:  train theta with phi_i frozen: CE(g(f(x); phi_i), y) + mu_local * ||f(x) - a_y||^2
+Anchors: `ema` (running class means of the client's own features) or `seeded` (fixed random anchors from
+a shared seed: the same on every client, never sent). Anchors never enter a payload.
+Uplink: theta_i and phi_i (FedAvg's bytes); phi_g becomes the aggregate of the phi_i. Aggregation
+weights: n_i * exp(cos(delta_i, mean delta) / temperature), normalised and clipped to
+[clip_low, clip_high] / K (fair, similarity-based). Evaluation: client i predicts with g(f(x; theta);
+phi_i) on its own test split (the global extractor: a per-client extractor would cost N model copies).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad
+
+from fedbench.errors import ConfigError
+from fedbench.methods.base import Tensors
+from fedbench.methods.personal import PRIVATE, PersonalizedMethod
+from fedbench.metrics.comm import Payload
+from fedbench.registry import register
+
+PHASES = ("glf_global", "gpc", "glf_local")
+
+
+def fair_weights(sizes: torch.Tensor, similarity: torch.Tensor, temperature: float, clip_low: float,
+                 clip_high: float, iterations: int = 100) -> torch.Tensor:
+    """n_i * exp(s_i / T), normalised, then each weight held in [clip_low, clip_high] / K.
+
+    Alternating clamp and renormalisation converges because the box contains the uniform weights
+    (clip_low <= 1 <= clip_high); the result sums to 1 and respects the bounds."""
+    k = len(sizes)
+    w = sizes * torch.exp((similarity - similarity.max()) / temperature)
+    w = w / w.sum()
+    lo, hi = clip_low / k, clip_high / k
+    for _ in range(iterations):
+        w = w.clamp(lo, hi)
+        w = w / w.sum()
+        if bool(((w >= lo - 1e-12) & (w <= hi + 1e-12)).all()):
+            break
+    return w
+
+
+@register("method", "fedecouple")
+class FedeCouple(PersonalizedMethod):
+    name = "fedecouple"
+    shared = "all"  # theta and phi_g live on the server; phi_i is extra client state
+    has_global_model = True
+    needs_progress = True
+
+    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
+        super().setup(params, buffers, total_rounds)
+        self.head_keys = [k for k in params if k.startswith("head.")]
+        order = [str(p) for p in self.hp.get("phase_order", PHASES)]
+        if sorted(order) != sorted(set(order)) or not set(order) <= set(PHASES) or not order:
+            raise ConfigError(f"method.phase_order={order}: a non-empty ordering of distinct phases from "
+                              f"{list(PHASES)}")
+        fractions = [float(f) for f in self.hp.get("phase_fractions", [0.5, 0.2, 0.3])]
+        if len(fractions) != len(order) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+            raise ConfigError(f"method.phase_fractions={fractions}: {len(order)} non-negative shares summing to 1")
+        edges = torch.cumsum(torch.tensor([0.0] + fractions, dtype=torch.float64), 0).tolist()
+        self.phase_span = {p: (edges[i], edges[i + 1]) for i, p in enumerate(order)}
+        self.anchor_type = str(self.hp.get("anchors", "ema"))
+        if self.anchor_type not in ("ema", "seeded"):
+            raise ConfigError(f"method.anchors={self.anchor_type}: allowed: ema, seeded")
+        self.kd_schedule = str(self.hp.get("kd_schedule", "linear_decay"))
+        if self.kd_schedule not in ("linear_decay", "constant"):
+            raise ConfigError(f"method.kd_schedule={self.kd_schedule}: allowed: linear_decay, constant")
+        self.feature_dim = int(params["head.weight"].shape[1])
+        ref = params["head.weight"]
+        gen = torch.Generator().manual_seed(int(self.hp.get("anchor_seed", 0)))
+        self.seeded_anchors = (torch.randn(self.num_classes, self.feature_dim, generator=gen, dtype=torch.float64)
+                               * float(self.hp.get("anchor_scale", 1.0))).to(ref.device, ref.dtype)
+
+    # ---- state -----------------------------------------------------------------------------
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+        p = gstate["params"]
+        state = {PRIVATE + k: p[k].detach().unsqueeze(0).repeat(n_clients, *[1] * p[k].dim())
+                 for k in self.head_keys}
+        ref = p["head.weight"]
+        state["anchors"] = ref.new_zeros(n_clients, self.num_classes, self.feature_dim)
+        state["anchor_seen"] = ref.new_zeros(n_clients, self.num_classes)
+        return state
+
+    def kappa(self, round_: int) -> float:
+        k0 = float(self.hp.get("kd_weight", 1.0))
+        if self.kd_schedule == "constant":
+            return k0
+        return k0 * (1.0 - (round_ - 1) / max(self.total_rounds, 1))
+
+    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+        payload = super().broadcast(gstate, round_)
+        # the distillation weight of this round travels with the model (4 bytes)
+        payload.tensors["kappa"] = gstate["params"]["head.weight"].new_tensor(self.kappa(round_))
+        return payload
+
+    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+        local = super().client_init(down, {}, client_id)
+        local["phead"] = {k: cstate[PRIVATE + k].clone() for k in self.head_keys}
+        local["anchors"], local["anchor_seen"] = cstate["anchors"].clone(), cstate["anchor_seen"].clone()
+        return local
+
+    # ---- local training --------------------------------------------------------------------
+    def _in_phase(self, name: str, progress: torch.Tensor) -> torch.Tensor:
+        if name not in self.phase_span:
+            return torch.zeros_like(progress)
+        lo, hi = self.phase_span[name]
+        return ((progress >= lo) & (progress < hi)).to(progress.dtype)
+
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        w, y = batch["w"], batch["y"]
+        ph = {p: self._in_phase(p, batch["progress"]).to(w.dtype) for p in PHASES}
+        anchors = local["anchors"] if self.anchor_type == "ema" else self.seeded_anchors
+        seen = local["anchor_seen"] if self.anchor_type == "ema" else torch.ones_like(local["anchor_seen"])
+        tau = float(self.hp.get("kd_temperature", 2.0))
+        mu, mu_local = float(self.hp.get("anchor_weight", 1.0)), float(self.hp.get("anchor_weight_local", 0.0))
+        body = {k: v for k, v in local["params"].items() if not k.startswith("head.")}
+        phi_g = {k: local["params"][k] for k in self.head_keys}
+        wsum = w.sum().clamp_min(1.0)
+
+        def loss_fn(theta: Tensors, phi_i: Tensors):
+            h = self.features(theta, local["buffers"], batch["x"])
+            # squared distance per feature dimension, so the weight does not scale with the width
+            pull = (((h - anchors[y].detach()) ** 2).mean(-1) * seen[y] * w).sum() / wsum
+            glf_global = self.weighted_ce(self.classify(phi_g, h), batch) + mu * pull
+            glf_local = self.weighted_ce(self.classify(phi_i, h), batch) + mu_local * pull
+            hd = h.detach()
+            logits_i = self.classify(phi_i, hd)
+            teacher = F.softmax(self.classify(phi_g, hd) / tau, -1)
+            kl = (teacher * (torch.log(teacher.clamp_min(1e-12)) - F.log_softmax(logits_i / tau, -1))).sum(-1)
+            gpc = self.weighted_ce(logits_i, batch) + down["kappa"] * tau ** 2 * (kl * w).sum() / wsum
+            total = ph["glf_global"] * glf_global + ph["gpc"] * gpc + ph["glf_local"] * glf_local
+            return total, (total.detach(), hd)
+
+        (g_theta, g_phi), (loss, h) = grad(loss_fn, argnums=(0, 1), has_aux=True)(body, local["phead"])
+        new = dict(local, steps=local["steps"] + 1)
+        # gpc trains phi_i only (its loss sees detached features); glf_local must not move phi_i
+        new_body = self.sgd(body, g_theta, local, new, {})
+        new["phead"] = {k: local["phead"][k] - self.lr * ph["gpc"] * g_phi[k] for k in g_phi}
+        new["params"] = {**new_body, **phi_g}
+        if self.anchor_type == "ema":
+            beta = float(self.hp.get("anchor_momentum", 0.9))
+            onehot = F.one_hot(y, self.num_classes).to(h.dtype) * w.unsqueeze(-1)
+            cnt = onehot.sum(0)
+            present = (cnt > 0).to(h.dtype)
+            mean = (onehot.T @ h) / cnt.clamp_min(1.0).unsqueeze(-1)
+            old = local["anchors"]
+            blend = torch.where(local["anchor_seen"].unsqueeze(-1) > 0, beta * old + (1 - beta) * mean, mean)
+            new["anchors"] = torch.where(present.unsqueeze(-1) > 0, blend, old)
+            new["anchor_seen"] = torch.maximum(local["anchor_seen"], present)
+        return new, loss
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any],
+                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+        # uplink: theta_i and phi_i (phi_i is this client's contribution to phi_g); anchors stay
+        params = {**{k: v for k, v in local["params"].items() if not k.startswith("head.")}, **local["phead"]}
+        up = {"params": params, "buffers": local["buffers"]}
+        keep = {PRIVATE + k: v for k, v in local["phead"].items()}
+        keep.update(anchors=local["anchors"], anchor_seen=local["anchor_seen"])
+        return up, keep
+
+    # ---- server ----------------------------------------------------------------------------
+    def aggregation_weights(self, gstate: dict[str, Any], up: dict[str, Any], sizes: torch.Tensor) -> torch.Tensor:
+        deltas = torch.cat([(up["params"][k] - gstate["params"][k]).flatten(1)
+                            for k in up["params"] if not k.startswith("head.")], 1)
+        mean = (sizes / sizes.sum()) @ deltas
+        sim = F.cosine_similarity(deltas, mean.unsqueeze(0).expand_as(deltas), dim=1)
+        return fair_weights(sizes, sim, float(self.hp.get("sim_temperature", 1.0)),
+                            float(self.hp.get("clip_low", 0.5)), float(self.hp.get("clip_high", 2.0)))
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
+                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+        fair = self.aggregation_weights(gstate, up, weights)
+        self.last_weights = fair
+        return super().aggregate(gstate, up, fair, round_, cohort, n_clients)
+
+    def round_metrics(self, gstate: dict[str, Any], round_: int) -> dict[str, Any]:
+        w = getattr(self, "last_weights", None)
+        if w is None:
+            return {}
+        return {"fedecouple/weight_max": float(w.max()) * len(w), "fedecouple/weight_min": float(w.min()) * len(w)}
+
+    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+                        y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        return {**gstate["params"], **{k: cstate[PRIVATE + k] for k in self.head_keys}}, gstate["buffers"]

@@ -1,0 +1,81 @@
+"""FedProto (Tan et al. 2022): no model parameters are exchanged, only class prototypes (mean
+feature per class). Each client trains its own model with cross-entropy plus
+`lam * ||f(x) - P_y||^2` toward the global prototype of the sample's class; the server averages the
+clients' prototypes weighted by their class counts. Sends C x d prototypes and C counts each way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad
+
+from fedbench.methods.base import Tensors
+from fedbench.methods.personal import PersonalizedMethod
+from fedbench.metrics.comm import Payload
+from fedbench.registry import register
+
+
+@register("method", "fedproto")
+class FedProto(PersonalizedMethod):
+    name = "fedproto"
+    shared = "none"
+
+    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
+        super().setup(params, buffers, total_rounds)
+        self.feature_dim = int(params["head.weight"].shape[1]) if "head.weight" in params else 0
+        if self.feature_dim == 0:
+            from fedbench.errors import ConfigError
+
+            raise ConfigError("method=fedproto needs a linear classifier head (head.weight)")
+
+    def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
+        ref = params["head.weight"]
+        return {"params": params, "buffers": buffers,
+                "protos": ref.new_zeros(self.num_classes, self.feature_dim),
+                "counts": ref.new_zeros(self.num_classes)}
+
+    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+        return Payload({"protos": gstate["protos"], "counts": gstate["counts"]})
+
+    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+        local = super().client_init(down, cstate, client_id)
+        local["psum"] = torch.zeros_like(down["protos"])
+        local["pcnt"] = torch.zeros_like(down["counts"])
+        return local
+
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        lam = float(self.hp.get("lam", 1.0))
+        w = batch["w"]
+
+        def loss_fn(params: Tensors):
+            h = self.features(params, local["buffers"], batch["x"])
+            ce = self.weighted_ce(self.classify(params, h), batch)
+            target = down["protos"][batch["y"]]
+            known = (down["counts"][batch["y"]] > 0).to(h.dtype) * w
+            pull = (((h - target) ** 2).sum(-1) * known).sum() / w.sum().clamp_min(1.0)
+            return ce + lam * pull, (ce.detach(), h.detach())
+
+        g, (ce, h) = grad(loss_fn, has_aux=True)(local["params"])
+        new = dict(local, steps=local["steps"] + 1)
+        new["params"] = self.sgd(local["params"], g, local, new, {})
+        onehot = F.one_hot(batch["y"], self.num_classes).to(h.dtype) * w.unsqueeze(-1)
+        new["psum"] = local["psum"] + onehot.T @ h
+        new["pcnt"] = local["pcnt"] + onehot.sum(0)
+        return new, ce
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any],
+                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+        _, private = super().client_final(local, down, cstate)
+        protos = local["psum"] / local["pcnt"].clamp_min(1.0).unsqueeze(-1)
+        return {"protos": protos, "counts": local["pcnt"]}, private
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
+                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+        counts = up["counts"].sum(0)  # [C]
+        protos = (up["protos"] * up["counts"].unsqueeze(-1)).sum(0) / counts.clamp_min(1.0).unsqueeze(-1)
+        seen = counts > 0  # a class nobody in this cohort holds keeps its previous prototype
+        return dict(gstate, protos=torch.where(seen.unsqueeze(-1), protos, gstate["protos"]),
+                    counts=torch.where(seen, counts, gstate["counts"]))

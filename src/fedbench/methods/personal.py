@@ -1,0 +1,139 @@
+"""Shared machinery of the personalized methods: a model split into a feature extractor (`body.*`) and a
+classifier (`head.*`), some parameters shared (sent both ways and averaged), the rest private to each
+client and kept across rounds as stacked tensors `[N, ...]` in the client state (never objects, never a
+model copy per client).
+
+Subclasses pick `shared` ("all" | "body" | "head" | "none"), a per-parameter gradient mask for
+multi-phase local training (`grad_mask`), and optionally their own local loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad
+
+from fedbench.engine.functional import per_sample_loss, weighted_mean
+from fedbench.errors import ConfigError
+from fedbench.methods.base import LocalSGDMethod, Tensors
+from fedbench.metrics.comm import Payload
+
+PRIVATE = "p:"  # client-state prefix of a private parameter
+
+
+def sub(tree: Tensors, prefix: str) -> Tensors:
+    """{'body.0.weight': t} -> {'0.weight': t} for prefix 'body.'."""
+    return {k[len(prefix):]: v for k, v in tree.items() if k.startswith(prefix)}
+
+
+class PersonalizedMethod(LocalSGDMethod):
+    shared = "all"
+    has_global_model = False  # False: accuracy is only meaningful per client (personal/*)
+    needs_progress = False    # True: batches carry `progress` (step / the client's steps) for phases
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
+        super().setup(params, buffers, total_rounds)
+        if not any(k.startswith("body.") for k in params) or not any(k.startswith("head.") for k in params):
+            raise ConfigError(f"method={self.name} needs a backbone split into body and head "
+                              f"(every built-in backbone is); got parameters {sorted(params)[:3]}...")
+        self.shared_keys = [k for k in params if self.is_shared(k)]
+        self.private_keys = [k for k in params if not self.is_shared(k)]
+        self.init_buffers = {k: v.detach().clone() for k, v in buffers.items()}
+
+    def is_shared(self, name: str) -> bool:
+        return self.shared == "all" or (self.shared != "none" and name.startswith(self.shared + "."))
+
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+        # every client's private part starts from the same initial (or warm-start) values
+        params = gstate["params"]
+        return {PRIVATE + k: params[k].detach().unsqueeze(0).repeat(n_clients, *[1] * params[k].dim())
+                for k in self.private_keys}
+
+    # ---- model pieces ----------------------------------------------------------------------
+    def features(self, params: Tensors, buffers: Tensors, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model.body, (sub(params, "body."), sub(buffers, "body.")), (x,))
+
+    def classify(self, params: Tensors, h: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model.head, sub(params, "head."), (h,))
+
+    def weighted_ce(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = batch["w"]
+        return (per_sample_loss(logits, batch["y"], self.task).to(w.dtype) * w).sum() / w.sum().clamp_min(1.0)
+
+    # ---- server ----------------------------------------------------------------------------
+    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+        if self.shared == "none":
+            return Payload({})
+        return Payload({"params": {k: gstate["params"][k] for k in self.shared_keys},
+                        "buffers": gstate["buffers"] if self.shared in ("all", "body") else {}})
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
+                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+        if self.shared == "none":
+            return gstate
+        mean = weighted_mean(up["params"], weights)
+        new = self.server_apply(gstate, {k: mean[k] - gstate["params"][k] for k in mean})
+        new["params"] = {**gstate["params"], **new["params"]}
+        if up.get("buffers"):
+            new["buffers"] = weighted_mean(up["buffers"], weights)
+        return new
+
+    # ---- client ----------------------------------------------------------------------------
+    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+        ref = next(iter(cstate.values())) if cstate else next(iter(down["params"].values()))
+        params = {k: v.clone() for k, v in down.get("params", {}).items()}
+        params.update({k: cstate[PRIVATE + k].clone() for k in self.private_keys})
+        buffers = down.get("buffers") or self.init_buffers
+        local: dict[str, Any] = {"params": params, "buffers": {k: v.clone() for k, v in buffers.items()},
+                                 "steps": torch.zeros((), dtype=ref.dtype, device=ref.device)}
+        if float(self.hp.get("momentum", 0.0)) > 0:
+            local["mom"] = {k: torch.zeros_like(v) for k, v in params.items()}
+        return local
+
+    def local_loss(self, params: Tensors, local: dict[str, Any], down: dict[str, Any],
+                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, Tensors]]:
+        """(loss to differentiate, (loss to report, new buffers)). Default: the run's task loss."""
+        loss, (reported, buffers) = self.loss_fn(params, local["buffers"], batch["x"], batch["y"], batch["w"])
+        return loss, (reported, buffers)
+
+    def grad_mask(self, local: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Per-parameter multiplier of the gradient (0: frozen in this phase). Default: all trained."""
+        return {}
+
+    def sgd(self, params: Tensors, g: Tensors, local: dict[str, Any], new: dict[str, Any],
+            mask: dict[str, Any], mom_key: str = "mom") -> Tensors:
+        """One SGD step with the method's weight decay and momentum; masked entries stay put."""
+        wd = float(self.hp.get("weight_decay", 0.0))
+        if wd > 0:
+            g = {k: g[k] + wd * params[k] for k in g}
+        g = {k: g[k] * mask[k] if k in mask else g[k] for k in g}
+        mu = float(self.hp.get("momentum", 0.0))
+        if mu > 0 and mom_key in local:
+            mom = {k: mu * local[mom_key][k] + g[k] for k in g}
+            new[mom_key] = mom
+            g = {k: mom[k] * mask[k] if k in mask else mom[k] for k in mom}
+        return {k: torch.add(params[k], g[k], alpha=-self.lr) for k in params}
+
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        g, (loss, buffers) = grad(self.local_loss, has_aux=True)(local["params"], local, down, batch)
+        new = dict(local, buffers=buffers, steps=local["steps"] + 1)
+        new["params"] = self.sgd(local["params"], g, local, new, self.grad_mask(local, batch))
+        return new, loss
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any],
+                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+        up = {} if self.shared == "none" else {
+            "params": {k: local["params"][k] for k in self.shared_keys},
+            "buffers": local["buffers"] if self.shared in ("all", "body") else {}}
+        return up, {PRIVATE + k: local["params"][k] for k in self.private_keys}
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+                        y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        """The model client `cstate` predicts with: shared part from the server, private part its own."""
+        params = dict(gstate["params"])
+        params.update({k: cstate[PRIVATE + k] for k in self.private_keys})
+        return params, gstate["buffers"]

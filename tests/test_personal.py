@@ -1,0 +1,207 @@
+"""Personalized FL: the noniid_s split, per-client evaluation on each client's own split, FedeCouple's
+anchors (never sent), personal classifiers that persist, fair aggregation weights, the batched executor
+oracle, and a 500-client run with stacked client state."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg, read_jsonl
+from fedbench.data.partitions import Partition, make_partition
+from fedbench.engine.executors import SequentialExecutor
+from fedbench.engine.functional import make_loss_fn, split_state
+from fedbench.errors import ConfigError
+from fedbench.experiment import evaluate_personal, run_experiment
+from fedbench.methods.fedecouple import FedeCouple, fair_weights
+from fedbench.methods.personal import PRIVATE
+from fedbench.metrics.comm import payload_bytes
+from fedbench.models.backbones import build_model
+
+PERSONAL = ["dataset=digits", "backbone=mlp", "backbone.hidden=[32]", "clients=8", "rounds=2", "participation=0.5",
+            "batch_size=16", "logger=local", "progress=false", "hardware=cpu", "partition=noniid_s"]
+METHODS = ["local", "fedper", "lgfedavg", "fedrep", "fedbabu", "ditto", "fedproto", "fedecouple"]
+
+
+def noniid_cfg(**kw):
+    base = {"name": "noniid_s", "s": 0.2, "groups": 5, "local_size": None, "min_samples": 1,
+            "client_val_fraction": 0.0, "client_test_fraction": 0.3}
+    return OmegaConf.create({**base, **kw})
+
+
+def test_noniid_s_mix_sizes_and_determinism():
+    labels = np.repeat(np.arange(10), 500)  # 5,000 samples, 10 classes
+    part = make_partition(labels, 20, noniid_cfg(local_size=200), seed=0)
+    again = make_partition(labels, 20, noniid_cfg(local_size=200), seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(part.train, again.train, strict=True))
+    used = np.concatenate(part.train + part.test)
+    assert len(used) == len(np.unique(used)) == 20 * 200  # disjoint clients, local_size each
+    for k in range(20):
+        group = {2 * (k % 5), 2 * (k % 5) + 1}
+        for split in (part.train[k], part.test[k]):
+            dominant = np.isin(labels[split], list(group)).mean()
+            # (1 - s) from the dominant group plus its share (1/5) of the iid fraction s = 0.84
+            assert 0.70 <= dominant <= 0.97, (k, dominant)
+        assert len(part.test[k]) == 60  # the test split comes from the same mix (30%)
+
+
+def test_noniid_s_impossible_requests_fail_clearly():
+    labels = np.repeat(np.arange(10), 100)
+    with pytest.raises(ConfigError, match="local_size"):
+        make_partition(labels, 20, noniid_cfg(local_size=60), seed=0)
+    with pytest.raises(ConfigError, match="partition.s"):
+        make_partition(labels, 5, noniid_cfg(s=1.5), seed=0)
+
+
+def test_personal_evaluation_uses_each_clients_own_split():
+    # client k's test split holds only class k; the personal model of client k predicts class k only
+    # from its own bias, so accuracy is 1 on every client iff each one is scored on its own split
+    model = build_model(OmegaConf.create({"name": "logreg"}), (2,), 3)
+    x = torch.zeros(9, 2)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    part = Partition(train=[np.array([0]), np.array([3]), np.array([6])], val=[np.array([], int)] * 3,
+                     test=[np.array([1, 2]), np.array([4, 5]), np.array([7, 8])])
+
+    class OwnBias:
+        def personal_params(self, gstate, cstate, x_train, y_train):
+            params = {k: torch.zeros_like(v) for k, v in split_state(model)[0].items()}
+            params["head.bias"] = torch.nn.functional.one_hot(cstate["k"], 3).float()
+            return params, {}
+
+    data = type("D", (), {"task": "classification", "x_train": x, "y_train": y})()
+    cstates = {"k": torch.arange(3)}
+    out = evaluate_personal(OwnBias(), {}, cstates, model, data, part)
+    assert out["personal/test_acc"] == 1.0 and out["personal/test_acc_std"] == 0.0
+    out = evaluate_personal(OwnBias(), {}, {"k": torch.tensor([1, 2, 0])}, model, data, part)
+    assert out["personal/test_acc"] == 0.0
+
+
+def test_fair_weights_sum_to_one_and_are_clipped():
+    gen = torch.Generator().manual_seed(0)
+    for k in (2, 5, 20, 100):
+        sizes = torch.rand(k, generator=gen, dtype=torch.float64) * 100 + 1
+        sims = torch.rand(k, generator=gen, dtype=torch.float64) * 2 - 1
+        for temperature in (0.05, 1.0):
+            w = fair_weights(sizes, sims, temperature, 0.5, 2.0)
+            assert abs(float(w.sum()) - 1.0) < 1e-12
+            assert float(w.min()) >= 0.5 / k - 1e-12 and float(w.max()) <= 2.0 / k + 1e-12
+    # one very similar, very large client cannot dominate
+    w = fair_weights(torch.tensor([1e6, 1.0, 1.0, 1.0]), torch.tensor([1.0, -1.0, -1.0, -1.0]), 0.1, 0.5, 2.0)
+    assert float(w[0]) == pytest.approx(0.5) and float(w[1:].min()) >= 0.125 - 1e-12
+
+
+def fedecouple_round(cstates=None, rounds=1, **hp):
+    """A FedeCouple method on a small MLP with 6 clients of digits-like random data, run for `rounds`."""
+    torch.manual_seed(0)
+    from fedbench.data.clients import ClientView, make_schedule
+
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 8, 8), 10).double()
+    params, buffers = split_state(model)
+    hp = {"anchors": "ema", "anchor_weight": 1.0, **hp}
+    method = FedeCouple(hp, make_loss_fn(model, "classification"), 0.1, num_classes=10)
+    method.model, method.task = model, "classification"
+    method.setup(params, buffers, 5)
+    x = torch.randn(120, 1, 8, 8, dtype=torch.float64)
+    y = torch.arange(120) % 10
+    view = ClientView.build(x, y, [np.arange(i * 20, (i + 1) * 20) for i in range(6)])
+    gstate = method.init_global(params, buffers)
+    cstates = method.init_client_states(gstate, 6) if cstates is None else cstates
+    log = []
+    for r in range(1, rounds + 1):
+        cohort = torch.tensor([0, 2, 4]) if r % 2 else torch.tensor([1, 2, 3])
+        sched = make_schedule(view, cohort.numpy(), 0, r, 8, 1, None, torch.float64, "cpu")
+        down = method.broadcast(gstate, r)
+        before = {k: v.clone() for k, v in cstates.items()}
+        res = SequentialExecutor().run(method, down.tensors, {k: v[cohort] for k, v in cstates.items()}, cohort,
+                                       view, sched)
+        for k, v in res.client_states.items():
+            cstates[k][cohort] = v
+        gstate = method.aggregate(gstate, res.uplink, torch.full((3,), 20.0, dtype=torch.float64), r, cohort, 6)
+        log.append({"down": down, "up": res.uplink, "cohort": cohort, "before": before,
+                    "after": {k: v.clone() for k, v in cstates.items()}, "gstate": gstate})
+    return method, params, log
+
+
+def test_fedecouple_anchors_are_never_sent_and_cost_zero_bytes():
+    method, params, log = fedecouple_round()
+    rec = log[0]
+    p = sum(v.numel() for v in params.values())
+    keys = set(rec["up"]) | set(rec["up"]["params"]) | set(rec["down"].tensors)
+    assert not any("anchor" in k for k in keys)
+    # uplink = theta_i + phi_i of every participant: exactly FedAvg's 8 bytes (float64) per parameter
+    assert payload_bytes(method.uplink(rec["up"])) == 8 * p * 3
+    assert payload_bytes(rec["down"]) == 8 * p + 8  # the model and this round's kappa
+    # the anchors were used and updated locally: they changed, for the participants only
+    moved = (rec["after"]["anchors"] - rec["before"]["anchors"]).abs().flatten(1).sum(1)
+    assert bool((moved[rec["cohort"]] > 0).all()) and float(moved[[1, 3, 5]].sum()) == 0.0
+
+
+def test_fedecouple_personal_classifier_persists_and_is_not_overwritten():
+    method, _, log = fedecouple_round(rounds=2)
+    head = [k for k in log[0]["after"] if k.startswith(PRIVATE)]
+    assert head == [PRIVATE + "head.weight", PRIVATE + "head.bias"]
+    r1, r2 = log
+    key = PRIVATE + "head.weight"
+    # round 1 (clients 0, 2, 4): their heads trained, differ from each other and from the global head
+    assert not torch.equal(r1["after"][key][0], r1["before"][key][0])
+    assert not torch.equal(r1["after"][key][0], r1["after"][key][2])
+    assert not torch.equal(r1["after"][key][0], r1["gstate"]["params"]["head.weight"])
+    # round 2 (clients 1, 2, 3): client 0's head is exactly what it kept after round 1, although the
+    # server aggregated again; client 2 continued from its own round-1 head
+    assert torch.equal(r2["after"][key][0], r1["after"][key][0])
+    assert torch.equal(r2["before"][key][2], r1["after"][key][2])
+    assert not torch.equal(r2["after"][key][2], r1["after"][key][2])
+
+
+@pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedecouple"])
+def test_batched_equals_sequential_float64(tmp_path, method):
+    cfg = PERSONAL + [f"method={method}", "hardware.dtype=float64", "local_epochs=2", "method.momentum=0.5"]
+    out = {}
+    for ex in ("sequential", "batched"):
+        run_experiment(compose_cfg(cfg + [f"hardware.executor={ex}"]), tmp_path / ex)
+        out[ex] = torch.load(tmp_path / ex / "checkpoint.pt", weights_only=False)
+    for part in ("gstate", "cstates"):
+        a, b = out["sequential"][part], out["batched"][part]
+        a = a["params"] if part == "gstate" else a
+        b = b["params"] if part == "gstate" else b
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_personalized_method_runs_and_logs_personal_metrics(tmp_path, method):
+    s = run_experiment(compose_cfg(PERSONAL + [f"method={method}"]), tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all("personal/test_acc" in r and "personal/test_acc_std" in r for r in rows)
+    assert 0.0 <= s["personal/test_acc"] <= 1.0 and s["best/personal_round"] in (1, 2)
+    if method == "local":
+        assert s["comm/bytes_total"] == 0
+    assert (s["best/val_acc"] is not None) == (method in ("ditto", "fedecouple"))
+
+
+def test_global_methods_are_scored_on_the_clients_splits_too(tmp_path):
+    s = run_experiment(compose_cfg(PERSONAL + ["method=fedavg"]), tmp_path)
+    assert s["best/val_acc"] is not None and 0.0 <= s["personal/test_acc"] <= 1.0
+
+
+def test_500_clients_with_stacked_personal_state(tmp_path):
+    cfg = ["dataset=mnist5k", "backbone=mlp", "backbone.hidden=[32]", "clients=500", "participation=0.02",
+           "rounds=1", "batch_size=8", "logger=local", "progress=false", "hardware=cpu", "partition=noniid_s",
+           "method=fedecouple"]
+    s = run_experiment(compose_cfg(cfg), tmp_path)
+    cstates = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["cstates"]
+    # one stacked tensor per piece of personal state, [500, ...]; no per-client objects
+    assert cstates["anchors"].shape[:2] == (500, 10) and cstates[PRIVATE + "head.weight"].shape[0] == 500
+    assert s["status"] == "completed" and 0.0 <= s["personal/test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("override, match", [
+    (["backbone=logreg", "method=fedper"], "split into body and head"),
+    (["method=fedecouple", "method.phase_fractions=[0.5,0.6,0.3]"], "phase_fractions"),
+    (["method=fedecouple", "method.anchors=random"], "method.anchors"),
+    (["method=fedecouple", "partition.s=2"], "partition.s"),
+])
+def test_bad_personalized_overrides_fail_clearly(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        base = [c for c in PERSONAL if not c.startswith("backbone") or "backbone=logreg" not in override]
+        run_experiment(compose_cfg(base + override), tmp_path)
