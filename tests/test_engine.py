@@ -134,3 +134,11 @@ def test_rounds_to_best_is_first_max_on_validation(tmp_path, tiny):
     first = next(r for r in rows if r["global/val_acc"] == best)
     assert s["best/val_acc"] == best and s["best/round"] == first["round"]
     assert s["best/test_acc"] == first["global/test_acc"]
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path, tiny):
+    first = run_experiment(compose_cfg(tiny + ["rounds=3"]), tmp_path)
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    again = run_experiment(compose_cfg(tiny + ["rounds=3"]), tmp_path)  # e.g. a restarted sweep
+    assert again == first and (tmp_path / "metrics.jsonl").read_text() == rows
+    assert again["final/test_acc"] is not None

@@ -38,3 +38,20 @@ def test_torchvision_dataset_offline_without_files(tmp_path, name, where):
     proc = run_cli([a for a in TINY if not a.startswith("dataset=")] +
                    [f"dataset={name}", f"dataset.root={tmp_path / 'empty'}"], tmp_path)
     assert_one_line_error(proc, f"dataset={name}", where, "dataset.download=true")
+
+
+def test_divergence_exits_3_and_keeps_the_rows_but_a_sweep_goes_on(tmp_path):
+    import json
+
+    unstable = ["dataset=synthetic_linear", "dataset.d=20", "dataset.n=400", "backbone=logreg", "clients=4",
+                "rounds=10", "logger=local", "progress=false", "hardware=cpu"]
+    proc = run_cli(unstable + ["lr=10", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert proc.returncode == 3
+    assert_one_line_error(proc, "training loss is", "lower lr")
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["status"] == "diverged"
+    assert (tmp_path / "one" / "metrics.jsonl").read_text().strip()
+    # in a multirun the diverged job is a result: the other job still runs, the sweep exits 0
+    proc = run_cli(["--multirun"] + unstable + ["lr=10,0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())["status"] for i in (0, 1)]
+    assert status == ["diverged", "completed"]

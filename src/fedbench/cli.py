@@ -101,6 +101,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         _fail(str(e), EXIT_CONFIG)
     except DivergedError as e:
+        if sweep_group is not None:  # one diverged run is a result of the sweep, not a reason to stop it
+            print(f"fedbench: warning: {e} (status 'diverged' in summary.json; the sweep goes on)", file=sys.stderr)
+            return None
         _fail(str(e), EXIT_DIVERGED)
     except Preempted as e:
         _fail(f"preempted: {e}; rerun the same command (resume=auto) to continue", EXIT_PREEMPTED)

@@ -330,6 +330,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
         if checkpoint["fingerprint"] != fp:
             raise ConfigError(f"resume: {ckpt_path} was written by a different config; use resume=false "
                               f"or another run dir")
+        if checkpoint.get("finished") and (run_dir / "summary.json").exists():
+            # the same command again (e.g. a sweep restarted after one job failed): keep the result
+            log.info("the run in %s already finished; keeping its summary (resume=false runs it again)", run_dir)
+            return json.loads((run_dir / "summary.json").read_text())
 
     # data and partition
     data_cfg = cfg.dataset

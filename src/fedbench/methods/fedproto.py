@@ -1,7 +1,8 @@
 """FedProto (Tan et al. 2022): no model parameters are exchanged, only class prototypes (mean
 feature per class). Each client trains its own model with cross-entropy plus
-`lam * ||f(x) - P_y||^2` toward the global prototype of the sample's class; the server averages the
-clients' prototypes weighted by their class counts. Sends C x d prototypes and C counts each way."""
+`lam * mean_j (f(x)_j - P_y,j)^2` (MSE) toward the global prototype of the sample's class; the server
+averages the clients' prototypes weighted by their class counts. Sends C x d prototypes and C counts
+each way."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class FedProto(PersonalizedMethod):
             ce = self.weighted_ce(self.classify(params, h), batch)
             target = down["protos"][batch["y"]]
             known = (down["counts"][batch["y"]] > 0).to(h.dtype) * w
-            pull = (((h - target) ** 2).sum(-1) * known).sum() / w.sum().clamp_min(1.0)
+            # mean squared error per feature dimension, as in the FedProto paper's MSE regulariser
+            pull = (((h - target) ** 2).mean(-1) * known).sum() / w.sum().clamp_min(1.0)
             return ce + lam * pull, (ce.detach(), h.detach())
 
         g, (ce, h) = grad(loss_fn, has_aux=True)(local["params"])
