@@ -153,6 +153,26 @@ def test_fedecouple_personal_classifier_persists_and_is_not_overwritten():
     assert not torch.equal(r2["after"][key][2], r1["after"][key][2])
 
 
+def test_fedecouple_clients_predict_with_their_own_extractor():
+    method, _, log = fedecouple_round()
+    rec = log[0]
+    g = rec["gstate"]
+    body = [k for k in g["params"] if k.startswith("body.")]
+
+    def personal(k, state):
+        return method.personal_params(g, {n: v[k] for n, v in state.items()}, None, None)[0]
+
+    for slot, k in enumerate(rec["cohort"].tolist()):  # trained: theta_k as uploaded, not the average
+        mine = personal(k, rec["after"])
+        assert all(torch.equal(mine[n], rec["up"]["params"][n][slot]) for n in body)
+        assert not torch.equal(mine[body[0]], g["params"][body[0]])
+        assert torch.equal(mine["head.weight"], rec["after"][PRIVATE + "head.weight"][k])
+    never = personal(1, rec["after"])  # not sampled yet: the global extractor
+    assert all(torch.equal(never[n], g["params"][n]) for n in body)
+    method.eval_extractor = "global"
+    assert torch.equal(personal(0, rec["after"])[body[0]], g["params"][body[0]])
+
+
 @pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedecouple"])
 def test_batched_equals_sequential_float64(tmp_path, method):
     cfg = PERSONAL + [f"method={method}", "hardware.dtype=float64", "local_epochs=2", "method.momentum=0.5"]
@@ -184,6 +204,22 @@ def test_global_methods_are_scored_on_the_clients_splits_too(tmp_path):
     assert s["best/val_acc"] is not None and 0.0 <= s["personal/test_acc"] <= 1.0
 
 
+def test_report_of_a_personalized_sweep(tmp_path):
+    from conftest import run_cli
+    from fedbench.report import report
+
+    proc = run_cli(["--multirun", *PERSONAL, "method=local,fedper", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = report(tmp_path / "s", tmp_path / "out")
+    agg = res["summary"]
+    assert len(res["runs"]) == 4 and len(agg) == 2
+    for method, g in res["runs"].groupby("method.name"):
+        row = agg[agg["method"] == method].iloc[0]
+        assert row["personal/test_acc mean"] == pytest.approx(g["personal/test_acc"].mean())
+    assert "personal_val_vs_round.png" in {p.name for p in res["plots"]}
+
+
 def test_500_clients_with_stacked_personal_state(tmp_path):
     cfg = ["dataset=mnist5k", "backbone=mlp", "backbone.hidden=[32]", "clients=500", "participation=0.02",
            "rounds=1", "batch_size=8", "logger=local", "progress=false", "hardware=cpu", "partition=noniid_s",
@@ -199,6 +235,7 @@ def test_500_clients_with_stacked_personal_state(tmp_path):
     (["backbone=logreg", "method=fedper"], "split into body and head"),
     (["method=fedecouple", "method.phase_fractions=[0.5,0.6,0.3]"], "phase_fractions"),
     (["method=fedecouple", "method.anchors=random"], "method.anchors"),
+    (["method=fedecouple", "method.eval_extractor=mine"], "method.eval_extractor"),
     (["method=fedecouple", "partition.s=2"], "partition.s"),
 ])
 def test_bad_personalized_overrides_fail_clearly(tmp_path, override, match):

@@ -42,6 +42,7 @@ def test_report_rows_and_means(sweep, tmp_path):
     assert (tmp_path / "out" / "report.csv").exists() and (tmp_path / "out" / "summary.csv").exists()
     names = {p.name for p in res["plots"]}
     assert {"val_vs_round.png", "val_vs_bytes.png", "rounds_to_best_vs_alpha.png"} <= names
+    assert "personal_val_vs_round.png" not in names  # no personalized method, no noniid_s split
     for p in res["plots"]:
         assert p.stat().st_size > 5000
 

@@ -152,6 +152,31 @@ def _save(fig: Any, ax: Any, path: Path, title: str, logx: bool = True) -> Path:
     return path
 
 
+def _curve_plot(df: pd.DataFrame, labels: list[str], x: str, y: str, path: Path, xlabel: str) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    curves = _curves(df, labels, x, y)
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(10, 5))
+    # the first swept key (usually the method) and the rest of the label get one visual channel each:
+    # up to 4 methods by line style and the rest by colour (methods that nearly coincide stay
+    # distinguishable); more methods by colour and the rest by line style
+    styles = ["-", "--", ":", "-."]
+    heads = sorted({label.split(", ")[0] for label in curves})
+    tails = sorted({", ".join(label.split(", ")[1:]) for label in curves})
+    heads_by_style = len(heads) <= len(styles)
+    for label, c in sorted(curves.items()):
+        h = heads.index(label.split(", ")[0])
+        t = tails.index(", ".join(label.split(", ")[1:]))
+        style, colour = (h, t) if heads_by_style else (t, h)
+        ax.plot(c[x], c[y], label=label, linewidth=1.8, linestyle=styles[style % len(styles)],
+                color=plt.cm.tab10(colour % 10))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{y} (mean over seeds)")
+    return [_save(fig, ax, path, f"{y} vs {xlabel}", logx=x != "round")]
+
+
 def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
@@ -163,22 +188,12 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     y_key = "global/val_acc" if "best/val_acc" in df and df["best/val_acc"].notna().any() else "global/val_r2"
     for x, fname, xlabel in (("round", "val_vs_round.png", "round"),
                              ("comm/bytes_total", "val_vs_bytes.png", "cumulative bytes (up + down)")):
-        curves = _curves(df, labels, x, y_key)
-        if not curves:
-            continue
-        fig, ax = plt.subplots(figsize=(10, 5))
-        # line style tells the first swept key (usually the method), colour the rest of the label, so
-        # methods that nearly coincide stay distinguishable
-        styles = ["-", "--", ":", "-."]
-        heads = sorted({label.split(", ")[0] for label in curves})
-        tails = sorted({", ".join(label.split(", ")[1:]) for label in curves})
-        for label, c in sorted(curves.items()):
-            head, tail = label.split(", ")[0], ", ".join(label.split(", ")[1:])
-            ax.plot(c[x], c[y_key], label=label, linewidth=1.8,
-                    linestyle=styles[heads.index(head) % len(styles)], color=plt.cm.tab10(tails.index(tail) % 10))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{y_key} (mean over seeds)")
-        written.append(_save(fig, ax, out / fname, f"{y_key} vs {xlabel}", logx=x != "round"))
+        written += _curve_plot(df, labels, x, y_key, out / fname, xlabel)
+    personal_sweep = ("partition.name" in df and (df["partition.name"] == "noniid_s").any()) or (
+        "personal/test_acc" in df and (df["personal/test_acc"].notna() & df["best/val_acc"].isna()).any())
+    if personal_sweep:
+        # personalized methods: each client's own model on its own validation split, averaged over clients
+        written += _curve_plot(df, labels, "round", "personal/val_acc", out / "personal_val_vs_round.png", "round")
     if "method.target_density" in df and "sparsity/density" in df and df["sparsity/density"].notna().any():
         fig, ax = plt.subplots(figsize=(6, 4.5))
         agg = df.groupby("method.target_density")[[c for c in ("sparsity/density", "sparsity/tdr") if c in df]].mean()

@@ -12,8 +12,10 @@ Anchors: `ema` (running class means of the client's own features) or `seeded` (f
 a shared seed: the same on every client, never sent). Anchors never enter a payload.
 Uplink: theta_i and phi_i (FedAvg's bytes); phi_g becomes the aggregate of the phi_i. Aggregation
 weights: n_i * exp(cos(delta_i, mean delta) / temperature), normalised and clipped to
-[clip_low, clip_high] / K (fair, similarity-based). Evaluation: client i predicts with g(f(x; theta);
-phi_i) on its own test split (the global extractor: a per-client extractor would cost N model copies).
+[clip_low, clip_high] / K (fair, similarity-based). Evaluation (`eval_extractor`): `local` (the spec's
+protocol) - client i predicts with g(f(x; theta_i); phi_i), its own extractor after its last round, kept
+as stacked [N, ...] client state like Ditto's personal models (a client never sampled uses the global
+theta); `global` - g(f(x; theta); phi_i), no per-client extractor in memory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
 PHASES = ("glf_global", "gpc", "glf_local")
+EXTRACTOR = "x:"  # client-state prefix of a client's own extractor (eval_extractor=local)
 
 
 def fair_weights(sizes: torch.Tensor, similarity: torch.Tensor, temperature: float, clip_low: float,
@@ -76,6 +79,9 @@ class FedeCouple(PersonalizedMethod):
         self.kd_schedule = str(self.hp.get("kd_schedule", "linear_decay"))
         if self.kd_schedule not in ("linear_decay", "constant"):
             raise ConfigError(f"method.kd_schedule={self.kd_schedule}: allowed: linear_decay, constant")
+        self.eval_extractor = str(self.hp.get("eval_extractor", "local"))
+        if self.eval_extractor not in ("local", "global"):
+            raise ConfigError(f"method.eval_extractor={self.eval_extractor}: allowed: local, global")
         self.feature_dim = int(params["head.weight"].shape[1])
         ref = params["head.weight"]
         gen = torch.Generator().manual_seed(int(self.hp.get("anchor_seed", 0)))
@@ -90,6 +96,11 @@ class FedeCouple(PersonalizedMethod):
         ref = p["head.weight"]
         state["anchors"] = ref.new_zeros(n_clients, self.num_classes, self.feature_dim)
         state["anchor_seen"] = ref.new_zeros(n_clients, self.num_classes)
+        if self.eval_extractor == "local":
+            body = {**{k: v for k, v in p.items() if not k.startswith("head.")}, **gstate["buffers"]}
+            state.update({EXTRACTOR + k: v.detach().unsqueeze(0).repeat(n_clients, *[1] * v.dim())
+                          for k, v in body.items()})
+            state["x_trained"] = ref.new_zeros(n_clients)  # 0 until the client's first round
         return state
 
     def kappa(self, round_: int) -> float:
@@ -168,6 +179,10 @@ class FedeCouple(PersonalizedMethod):
         up = {"params": params, "buffers": local["buffers"]}
         keep = {PRIVATE + k: v for k, v in local["phead"].items()}
         keep.update(anchors=local["anchors"], anchor_seen=local["anchor_seen"])
+        if self.eval_extractor == "local":
+            keep.update({EXTRACTOR + k: v for k, v in params.items() if not k.startswith("head.")})
+            keep.update({EXTRACTOR + k: v for k, v in local["buffers"].items()})
+            keep["x_trained"] = torch.ones_like(cstate["x_trained"])
         return up, keep
 
     # ---- server ----------------------------------------------------------------------------
@@ -193,4 +208,9 @@ class FedeCouple(PersonalizedMethod):
 
     def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
-        return {**gstate["params"], **{k: cstate[PRIVATE + k] for k in self.head_keys}}, gstate["buffers"]
+        params = {**gstate["params"], **{k: cstate[PRIVATE + k] for k in self.head_keys}}
+        buffers = gstate["buffers"]
+        if self.eval_extractor == "local" and bool(cstate["x_trained"] > 0):
+            params.update({k: cstate[EXTRACTOR + k] for k in params if not k.startswith("head.")})
+            buffers = {k: cstate[EXTRACTOR + k] for k in buffers}
+        return params, buffers
