@@ -189,8 +189,9 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     for x, fname, xlabel in (("round", "val_vs_round.png", "round"),
                              ("comm/bytes_total", "val_vs_bytes.png", "cumulative bytes (up + down)")):
         written += _curve_plot(df, labels, x, y_key, out / fname, xlabel)
+    no_global = df["best/val_acc"].isna() if "best/val_acc" in df else pd.Series(True, index=df.index)
     personal_sweep = ("partition.name" in df and (df["partition.name"] == "noniid_s").any()) or (
-        "personal/test_acc" in df and (df["personal/test_acc"].notna() & df["best/val_acc"].isna()).any())
+        "personal/test_acc" in df and (df["personal/test_acc"].notna() & no_global).any())
     if personal_sweep:
         # personalized methods: each client's own model on its own validation split, averaged over clients
         written += _curve_plot(df, labels, "round", "personal/val_acc", out / "personal_val_vs_round.png", "round")
