@@ -11,7 +11,8 @@ from torch import nn
 
 from conftest import compose_cfg, read_jsonl
 from fedbench.engine.functional import split_state
-from fedbench.experiment import run_experiment
+from fedbench.errors import ConfigError
+from fedbench.experiment import Preempted, run_experiment
 from fedbench.models.backbones import Split, build_model
 from fedbench.models.dualcopy import PoolGate, dual_forward, install_gates
 
@@ -137,6 +138,41 @@ def test_structural_parameters_get_no_gradient():
     local, _ = m.client_step(local, down, batch)
     assert all(not v.requires_grad and torch.equal(v, before[k]) for k, v in m.struct[0].items())
     assert set(local) == {"params", "buffers", "steps"}  # no optimizer state, nothing structural
+
+
+def test_calibration_fine_tunes_on_a_server_sample_before_freezing():
+    from fedbench.models.warmstart import calibrate
+
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 1, 8, 8), torch.arange(200) % 10
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        nets.append(build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 8, 8), 10))
+    start = {k: v.clone() for k, v in nets[0].state_dict().items()}
+    info = [calibrate(n, x, y, {"calibration_epochs": 2, "calibration_fraction": 0.1}, seed=3) for n in nets]
+    assert info[0]["calibration.samples"] == 20 and info[0]["calibration.epochs"] == 2
+    assert not torch.equal(nets[0].state_dict()["head.weight"], start["head.weight"])  # it trained
+    a, b = nets[0].state_dict(), nets[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic
+    with pytest.raises(ConfigError, match="calibration_fraction"):
+        calibrate(nets[0], x, y, {"calibration_epochs": 1, "calibration_fraction": 0.0}, seed=3)
+
+
+def test_calibrated_fedsq_sends_no_extra_bytes_and_resumes_exactly(tmp_path):
+    cfg = SMALL + ["method=fedsq", "backbone=cnn", "rounds=3", "checkpoint_every=1", "method.calibration_epochs=1",
+                   "method.calibration_fraction=0.2"]
+    full = run_experiment(compose_cfg(cfg), tmp_path / "full")
+    plain = run_experiment(compose_cfg(SMALL + ["method=fedsq", "backbone=cnn", "rounds=3"]), tmp_path / "plain")
+    assert full["calibration.samples"] > 0 and "calibration.samples" not in plain
+    assert full["comm/bytes_total"] == plain["comm/bytes_total"]  # central, not on the wire
+    assert full["best/val_acc"] != plain["best/val_acc"] or full["final/test_loss"] != plain["final/test_loss"]
+    with pytest.raises(Preempted):
+        run_experiment(compose_cfg(cfg), tmp_path / "part", stop_after=1)
+    run_experiment(compose_cfg(cfg), tmp_path / "part")  # calibrates again, then continues from round 1
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["gstate"]["params"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["gstate"]["params"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_warm_start_is_cached_with_provenance(tmp_path):

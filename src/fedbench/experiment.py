@@ -31,7 +31,7 @@ from fedbench.metrics.evaluate import evaluate, evaluate_fn
 from fedbench.metrics.sparsity import density, feature_support, support_scores
 from fedbench.metrics.tracker import BestTracker
 from fedbench.models.backbones import build_model
-from fedbench.models.warmstart import apply_warm_start, pretrain
+from fedbench.models.warmstart import apply_warm_start, calibrate, pretrain
 from fedbench.registry import lookup
 from fedbench.tracking.files import MetricsFile, write_json
 from fedbench.tracking.wandb_logger import MODES, WandbLogger
@@ -373,6 +373,13 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             n_loaded = apply_warm_start(model, state)
             warm_info = {**provenance, "warm_start.tensors_loaded": n_loaded}
             log.info("warm start from %s (%d tensors)", provenance["warm_start.checkpoint"], n_loaded)
+        if int(hp.get("calibration_epochs", 0) or 0) > 0:
+            # also on resume: the structural copy is taken from these weights (deterministic on CPU)
+            pooled = torch.as_tensor(np.concatenate(part.train), device=device)
+            cal = calibrate(model, dataset.x_train[pooled], dataset.y_train[pooled], hp, seed)
+            warm_info.update(cal)
+            log.info("central calibration: %d epoch(s) on %d server-held samples", cal["calibration.epochs"],
+                     cal["calibration.samples"])
         params, buffers = split_state(model)
         loss_fn = make_loss_fn(model, dataset.task, autocast)
     n_params = sum(p.numel() for p in params.values())

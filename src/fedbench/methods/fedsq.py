@@ -26,9 +26,10 @@ class FedSQ(LocalSGDMethod):
 
     def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
         super().setup(params, buffers, total_rounds)
-        if int(self.hp.get("calibration_epochs", 0)) != 0:
-            raise ConfigError("method.calibration_epochs: central calibration before freezing is not "
-                              "implemented; use 0 (warm_start.epochs sets the pretraining instead)")
+        if int(self.hp.get("calibration_epochs", 0)) < 0:
+            raise ConfigError(f"method.calibration_epochs={self.hp.get('calibration_epochs')}: must be >= 0")
+        if not 0.0 < float(self.hp.get("calibration_fraction", 0.05)) <= 1.0:
+            raise ConfigError(f"method.calibration_fraction={self.hp.get('calibration_fraction')}: must be in (0, 1]")
         kinds = tuple(str(k) for k in self.hp.get("gates", ["relu", "relu6"]))
         bad = set(kinds) - {"relu", "relu6"}
         if bad:

@@ -36,6 +36,41 @@ def _fit_shape(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return x.contiguous()
 
 
+def train_central(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
+                  seed: int) -> None:
+    """Plain centralised SGD (momentum 0.9) with cross-entropy, seeded minibatch order."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    net.train()
+    with torch.enable_grad():  # callers may be inside no_grad (e.g. frozen-feature extraction)
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=g).to(y.device)
+            for i in range(0, len(y), batch_size):
+                idx = perm[i:i + batch_size]
+                opt.zero_grad()
+                F.cross_entropy(net(x[idx]), y[idx]).backward()
+                opt.step()
+
+
+def calibrate(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, hp: dict[str, Any],
+              seed: int) -> dict[str, Any]:
+    """FedSQ's optional central calibration: fine-tune the (warm-started) model for
+    `calibration_epochs` on a server-held sample of `calibration_fraction` of the pooled training data
+    before the structural copy is frozen. Returns its provenance (`calibration.*`)."""
+    epochs, fraction = int(hp.get("calibration_epochs", 0)), float(hp.get("calibration_fraction", 0.05))
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"method.calibration_fraction={fraction}: must be in (0, 1]")
+    n = max(1, round(fraction * len(y_train)))
+    g = torch.Generator().manual_seed(seed + 7919)  # its own stream: does not shift the run's other draws
+    idx = torch.randperm(len(y_train), generator=g)[:n].to(y_train.device)
+    was = model.training
+    train_central(model, x_train[idx], y_train[idx], epochs, float(hp.get("calibration_lr", 0.01)),
+                  int(hp.get("calibration_batch_size", 32)), seed)
+    model.train(was)
+    return {"calibration.epochs": epochs, "calibration.samples": n, "calibration.fraction": fraction,
+            "calibration.lr": float(hp.get("calibration_lr", 0.01))}
+
+
 def pretrain(backbone_cfg: Any, ws: Any, input_shape: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict of the pretrained backbone, provenance). Cached under $FEDBENCH_CACHE."""
     spec = {"backbone": OmegaConf.to_container(backbone_cfg, resolve=True), "source": str(ws.source),
@@ -55,17 +90,7 @@ def pretrain(backbone_cfg: Any, ws: Any, input_shape: tuple[int, ...]) -> tuple[
     xv, yv = _fit_shape(src.x_val.float(), input_shape), src.y_val
     torch.manual_seed(spec["seed"])
     net = build_model(backbone_cfg, input_shape, src.num_classes)
-    opt = torch.optim.SGD(net.parameters(), lr=spec["lr"], momentum=0.9)
-    g = torch.Generator().manual_seed(spec["seed"])
-    net.train()
-    with torch.enable_grad():  # callers may be inside no_grad (e.g. frozen-feature extraction)
-        for _ in range(spec["epochs"]):
-            perm = torch.randperm(len(y), generator=g)
-            for i in range(0, len(y), spec["batch_size"]):
-                idx = perm[i:i + spec["batch_size"]]
-                opt.zero_grad()
-                F.cross_entropy(net(x[idx]), y[idx]).backward()
-                opt.step()
+    train_central(net, x, y, spec["epochs"], spec["lr"], spec["batch_size"], spec["seed"])
     net.eval()
     with torch.no_grad():
         acc = float((net(xv).argmax(1) == yv).float().mean()) if len(yv) else float("nan")
