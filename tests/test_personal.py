@@ -14,13 +14,14 @@ from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.errors import ConfigError
 from fedbench.experiment import evaluate_personal, run_experiment
 from fedbench.methods.fedecouple import FedeCouple, fair_weights
+from fedbench.methods.fedrod import PERSONAL_HEAD, FedRoD
 from fedbench.methods.personal import PRIVATE
 from fedbench.metrics.comm import payload_bytes
 from fedbench.models.backbones import build_model
 
 PERSONAL = ["dataset=digits", "backbone=mlp", "backbone.hidden=[32]", "clients=8", "rounds=2", "participation=0.5",
             "batch_size=16", "logger=local", "progress=false", "hardware=cpu", "partition=noniid_s"]
-METHODS = ["local", "fedper", "lgfedavg", "fedrep", "fedbabu", "ditto", "fedproto", "fedecouple"]
+METHODS = ["local", "fedper", "lgfedavg", "fedrep", "fedbabu", "ditto", "fedproto", "fedrod", "fedecouple"]
 
 
 def noniid_cfg(**kw):
@@ -173,7 +174,7 @@ def test_fedecouple_clients_predict_with_their_own_extractor():
     assert torch.equal(personal(0, rec["after"])[body[0]], g["params"][body[0]])
 
 
-@pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedecouple"])
+@pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedrod", "fedecouple"])
 def test_batched_equals_sequential_float64(tmp_path, method):
     cfg = PERSONAL + [f"method={method}", "hardware.dtype=float64", "local_epochs=2", "method.momentum=0.5"]
     out = {}
@@ -196,12 +197,56 @@ def test_every_personalized_method_runs_and_logs_personal_metrics(tmp_path, meth
     assert 0.0 <= s["personal/test_acc"] <= 1.0 and s["best/personal_round"] in (1, 2)
     if method == "local":
         assert s["comm/bytes_total"] == 0
-    assert (s["best/val_acc"] is not None) == (method in ("ditto", "fedecouple"))
+    assert (s["best/val_acc"] is not None) == (method in ("ditto", "fedrod", "fedecouple"))
 
 
 def test_global_methods_are_scored_on_the_clients_splits_too(tmp_path):
     s = run_experiment(compose_cfg(PERSONAL + ["method=fedavg"]), tmp_path)
     assert s["best/val_acc"] is not None and 0.0 <= s["personal/test_acc"] <= 1.0
+
+
+def test_fedrod_personal_head_stays_private_and_adds_to_the_generic_logits(tmp_path):
+    rod = run_experiment(compose_cfg(PERSONAL + ["method=fedrod"]), tmp_path / "rod")
+    avg = run_experiment(compose_cfg(PERSONAL + ["method=fedavg"]), tmp_path / "avg")
+    assert rod["comm/bytes_total"] == avg["comm/bytes_total"]  # the personal heads never leave
+    ckpt = torch.load(tmp_path / "rod" / "checkpoint.pt", weights_only=False)
+    g, cs = ckpt["gstate"], ckpt["cstates"]
+    trained = cs[PERSONAL_HEAD + "head.weight"].flatten(1).abs().sum(1) > 0
+    assert 0 < int(trained.sum()) < 8  # half participation, 2 rounds: some clients trained, not all
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [32]}), (1, 8, 8), 10)
+    method = FedRoD({}, None, 0.1, num_classes=10)
+    method.model, method.task = model, "classification"
+    method.setup(g["params"], g["buffers"], 2)
+    k = int(torch.nonzero(trained)[0])
+    params, _ = method.personal_params(g, {n: v[k] for n, v in cs.items()}, None, None)
+    x = torch.randn(5, 1, 8, 8)
+    h = method.features(g["params"], g["buffers"], x)
+    generic = method.classify(g["params"], h)
+    own = method.classify({n[len(PERSONAL_HEAD):]: v[k] for n, v in cs.items() if n.startswith(PERSONAL_HEAD)}, h)
+    merged = torch.func.functional_call(model, params, (x,))
+    assert torch.allclose(merged, generic + own, atol=1e-5)
+
+
+def test_fedrod_balanced_loss_does_not_push_down_classes_a_client_lacks():
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 8, 8), 10).double()
+    params, buffers = split_state(model)
+    method = FedRoD({}, make_loss_fn(model, "classification"), 0.5, num_classes=10)
+    method.model, method.task = model, "classification"
+    method.setup(params, buffers, 1)
+    method.label_counts = torch.zeros(1, 10, dtype=torch.float64)
+    method.label_counts[0, :2] = 10.0  # this client holds classes 0 and 1 only
+    g = method.init_global(params, buffers)
+    cs = method.init_client_states(g, 1)
+    down = method.broadcast(g, 1).tensors
+    local = method.client_init(down, {k: v[0] for k, v in cs.items()}, torch.tensor(0))
+    batch = {"x": torch.randn(8, 1, 8, 8, dtype=torch.float64), "y": torch.arange(8) % 2,
+             "w": torch.ones(8, dtype=torch.float64)}
+    new, _ = method.client_step(local, down, batch)
+    moved = (new["params"]["head.bias"] - params["head.bias"]).abs()
+    assert float(moved[2:].max()) < 1e-9 < float(moved[:2].min())  # generic head: absent classes untouched
+    pmoved = (new["phead"]["head.bias"] - local["phead"]["head.bias"]).abs()
+    assert float(pmoved[2:].max()) > 1e-4  # the personal head (plain CE) does learn the local skew
 
 
 def test_report_of_a_personalized_sweep(tmp_path):

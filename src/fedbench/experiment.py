@@ -395,6 +395,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
         start_round = int(checkpoint["round"])
     else:
         gstate = method.init_global(params, buffers)
+        if getattr(method, "needs_label_counts", False):  # e.g. FedRoD's balanced softmax: each client's prior
+            method.label_counts = torch.stack([
+                torch.bincount(dataset.y_train[torch.as_tensor(ix, device=device)].long(),
+                               minlength=dataset.num_classes) for ix in part.train])
         cstates = method.init_client_states(gstate, view.num_clients)
         start_round = 0
 

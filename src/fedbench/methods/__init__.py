@@ -14,6 +14,7 @@ from fedbench.methods import (  # noqa: F401
     fedproto,
     fedprox,
     fedrep,
+    fedrod,
     fedsq,
     flops,
     lgfedavg,

@@ -1,0 +1,83 @@
+"""FedRoD (Chen & Chao, ICLR 2022): one model, two heads. The body and a GENERIC head are trained with
+the balanced softmax loss (logits shifted by the log of the client's own class prior, so classes a
+client lacks are not pushed down) and averaged as in FedAvg; a PERSONAL head, private to each client
+and zero at the start, is trained with cross-entropy on the sum of the generic logits (detached) and its
+own logits on detached features. A client predicts with generic + personal logits, which for linear
+heads is one linear head with summed weights. Sends what FedAvg sends; the personal heads
+(`[N, ...]` client state) never leave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import grad
+
+from fedbench.errors import ConfigError
+from fedbench.methods.base import Tensors
+from fedbench.methods.personal import PersonalizedMethod
+from fedbench.registry import register
+
+PERSONAL_HEAD = "r:"  # client-state prefix of a client's personal head
+
+
+@register("method", "fedrod")
+class FedRoD(PersonalizedMethod):
+    name = "fedrod"
+    shared = "all"
+    has_global_model = True    # the generic head: balanced, evaluated as the global model
+    needs_label_counts = True  # the experiment sets `label_counts` [N, C] (each client's training labels)
+
+    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
+        super().setup(params, buffers, total_rounds)
+        self.head_keys = [k for k in params if k.startswith("head.")]
+        if sorted(self.head_keys) != ["head.bias", "head.weight"]:
+            raise ConfigError(f"method=fedrod needs a linear classifier head (head.weight, head.bias); "
+                              f"got {self.head_keys}")
+
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+        p = gstate["params"]
+        state = {PERSONAL_HEAD + k: p[k].new_zeros(n_clients, *p[k].shape) for k in self.head_keys}
+        counts = getattr(self, "label_counts", None)
+        if counts is None or counts.shape != (n_clients, self.num_classes):
+            raise ConfigError("method=fedrod: the run did not provide each client's label counts")
+        state["label_counts"] = counts.to(p["head.weight"])
+        return state
+
+    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+        local = super().client_init(down, {}, client_id)
+        local["phead"] = {k: cstate[PERSONAL_HEAD + k].clone() for k in self.head_keys}
+        counts = cstate["label_counts"]
+        # log prior; a class the client lacks gets a very negative shift instead of -inf (finite grads)
+        local["log_prior"] = torch.log((counts / counts.sum().clamp_min(1.0)).clamp_min(1e-12))
+        local["label_counts"] = counts
+        return local
+
+    def client_step(self, local: dict[str, Any], down: dict[str, Any],
+                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
+        def loss_fn(params: Tensors, phead: Tensors):
+            h = self.features(params, local["buffers"], batch["x"])
+            generic = self.classify(params, h)
+            balanced = self.weighted_ce(generic + local["log_prior"], batch)      # body + generic head
+            personal = self.weighted_ce(generic.detach() + self.classify(phead, h.detach()), batch)  # P-head
+            return balanced + personal, balanced.detach()
+
+        (g, g_p), loss = grad(loss_fn, argnums=(0, 1), has_aux=True)(local["params"], local["phead"])
+        new = dict(local, steps=local["steps"] + 1)
+        new["params"] = self.sgd(local["params"], g, local, new, {})
+        new["phead"] = {k: torch.add(local["phead"][k], g_p[k], alpha=-self.lr) for k in g_p}
+        return new, loss
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any],
+                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+        up, _ = super().client_final(local, down, cstate)
+        keep = {PERSONAL_HEAD + k: v for k, v in local["phead"].items()}
+        keep["label_counts"] = local["label_counts"]
+        return up, keep
+
+    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+                        y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        params = dict(gstate["params"])
+        for k in self.head_keys:  # generic + personal logits == one linear head with summed weights
+            params[k] = params[k] + cstate[PERSONAL_HEAD + k]
+        return params, gstate["buffers"]
