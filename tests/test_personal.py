@@ -15,7 +15,7 @@ from fedbench.errors import ConfigError
 from fedbench.experiment import evaluate_personal, run_experiment
 from fedbench.methods.fedecouple import FedeCouple, fair_weights
 from fedbench.methods.fedrod import PERSONAL_HEAD, FedRoD
-from fedbench.methods.personal import PRIVATE
+from fedbench.methods.personal import PRIVATE, PRIVATE_BUFFER
 from fedbench.metrics.comm import payload_bytes
 from fedbench.models.backbones import build_model
 
@@ -247,6 +247,22 @@ def test_fedrod_balanced_loss_does_not_push_down_classes_a_client_lacks():
     assert float(moved[2:].max()) < 1e-9 < float(moved[:2].min())  # generic head: absent classes untouched
     pmoved = (new["phead"]["head.bias"] - local["phead"]["head.bias"]).abs()
     assert float(pmoved[2:].max()) > 1e-4  # the personal head (plain CE) does learn the local skew
+
+
+@pytest.mark.parametrize("method", ["fedproto", "fedrod", "fedecouple"])
+def test_batchnorm_statistics_are_carried_and_kept_where_they_belong(tmp_path, method):
+    base = [c for c in PERSONAL if not c.startswith("backbone")]
+    cfg = base + [f"method={method}", "backbone=resnet18", "backbone.norm=batch", "clients=4", "rounds=1",
+                  "participation=1.0", "local_steps=2"]
+    s = run_experiment(compose_cfg(cfg), tmp_path)
+    assert s["status"] == "completed"
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    if method == "fedproto":  # nothing shared: each client keeps its own statistics
+        mean = ckpt["cstates"][PRIVATE_BUFFER + "body.1.running_mean"]
+        assert mean.shape[0] == 4 and not torch.equal(mean[0], mean[1])
+    else:
+        mean = ckpt["gstate"]["buffers"]["body.1.running_mean"]
+    assert not torch.equal(mean, torch.zeros_like(mean))  # the clients' BatchNorm statistics came back
 
 
 def test_report_of_a_personalized_sweep(tmp_path):

@@ -141,7 +141,7 @@ class FedeCouple(PersonalizedMethod):
         wsum = w.sum().clamp_min(1.0)
 
         def loss_fn(theta: Tensors, phi_i: Tensors):
-            h = self.features(theta, local["buffers"], batch["x"])
+            h, buffers = self.features_and_buffers(theta, local["buffers"], batch["x"])
             # squared distance per feature dimension, so the weight does not scale with the width
             pull = (((h - anchors[y].detach()) ** 2).mean(-1) * seen[y] * w).sum() / wsum
             glf_global = self.weighted_ce(self.classify(phi_g, h), batch) + mu * pull
@@ -152,10 +152,10 @@ class FedeCouple(PersonalizedMethod):
             kl = (teacher * (torch.log(teacher.clamp_min(1e-12)) - F.log_softmax(logits_i / tau, -1))).sum(-1)
             gpc = self.weighted_ce(logits_i, batch) + down["kappa"] * tau ** 2 * (kl * w).sum() / wsum
             total = ph["glf_global"] * glf_global + ph["gpc"] * gpc + ph["glf_local"] * glf_local
-            return total, (total.detach(), hd)
+            return total, (total.detach(), hd, buffers)
 
-        (g_theta, g_phi), (loss, h) = grad(loss_fn, argnums=(0, 1), has_aux=True)(body, local["phead"])
-        new = dict(local, steps=local["steps"] + 1)
+        (g_theta, g_phi), (loss, h, buffers) = grad(loss_fn, argnums=(0, 1), has_aux=True)(body, local["phead"])
+        new = dict(local, buffers=buffers, steps=local["steps"] + 1)
         # gpc trains phi_i only (its loss sees detached features); glf_local must not move phi_i
         new_body = self.sgd(body, g_theta, local, new, {})
         new["phead"] = {k: local["phead"][k] - self.lr * ph["gpc"] * g_phi[k] for k in g_phi}

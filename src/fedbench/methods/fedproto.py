@@ -52,16 +52,16 @@ class FedProto(PersonalizedMethod):
         w = batch["w"]
 
         def loss_fn(params: Tensors):
-            h = self.features(params, local["buffers"], batch["x"])
+            h, buffers = self.features_and_buffers(params, local["buffers"], batch["x"])
             ce = self.weighted_ce(self.classify(params, h), batch)
             target = down["protos"][batch["y"]]
             known = (down["counts"][batch["y"]] > 0).to(h.dtype) * w
             # mean squared error per feature dimension, as in the FedProto paper's MSE regulariser
             pull = (((h - target) ** 2).mean(-1) * known).sum() / w.sum().clamp_min(1.0)
-            return ce + lam * pull, (ce.detach(), h.detach())
+            return ce + lam * pull, (ce.detach(), h.detach(), buffers)
 
-        g, (ce, h) = grad(loss_fn, has_aux=True)(local["params"])
-        new = dict(local, steps=local["steps"] + 1)
+        g, (ce, h, buffers) = grad(loss_fn, has_aux=True)(local["params"])
+        new = dict(local, buffers=buffers, steps=local["steps"] + 1)
         new["params"] = self.sgd(local["params"], g, local, new, {})
         onehot = F.one_hot(batch["y"], self.num_classes).to(h.dtype) * w.unsqueeze(-1)
         new["psum"] = local["psum"] + onehot.T @ h

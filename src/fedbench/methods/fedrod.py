@@ -56,14 +56,14 @@ class FedRoD(PersonalizedMethod):
     def client_step(self, local: dict[str, Any], down: dict[str, Any],
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         def loss_fn(params: Tensors, phead: Tensors):
-            h = self.features(params, local["buffers"], batch["x"])
+            h, buffers = self.features_and_buffers(params, local["buffers"], batch["x"])
             generic = self.classify(params, h)
             balanced = self.weighted_ce(generic + local["log_prior"], batch)      # body + generic head
             personal = self.weighted_ce(generic.detach() + self.classify(phead, h.detach()), batch)  # P-head
-            return balanced + personal, balanced.detach()
+            return balanced + personal, (balanced.detach(), buffers)
 
-        (g, g_p), loss = grad(loss_fn, argnums=(0, 1), has_aux=True)(local["params"], local["phead"])
-        new = dict(local, steps=local["steps"] + 1)
+        (g, g_p), (loss, buffers) = grad(loss_fn, argnums=(0, 1), has_aux=True)(local["params"], local["phead"])
+        new = dict(local, buffers=buffers, steps=local["steps"] + 1)
         new["params"] = self.sgd(local["params"], g, local, new, {})
         new["phead"] = {k: torch.add(local["phead"][k], g_p[k], alpha=-self.lr) for k in g_p}
         return new, loss

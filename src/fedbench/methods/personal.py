@@ -20,6 +20,7 @@ from fedbench.methods.base import LocalSGDMethod, Tensors
 from fedbench.metrics.comm import Payload
 
 PRIVATE = "p:"  # client-state prefix of a private parameter
+PRIVATE_BUFFER = "pb:"  # ... of a private buffer (BatchNorm statistics of a body that is not shared)
 
 
 def sub(tree: Tensors, prefix: str) -> Tensors:
@@ -45,15 +46,32 @@ class PersonalizedMethod(LocalSGDMethod):
     def is_shared(self, name: str) -> bool:
         return self.shared == "all" or (self.shared != "none" and name.startswith(self.shared + "."))
 
+    @property
+    def private_buffers(self) -> bool:
+        """Buffers (BatchNorm statistics, in the body) stay with the client when the body is not shared."""
+        return self.shared in ("none", "head")
+
     def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
         # every client's private part starts from the same initial (or warm-start) values
-        params = gstate["params"]
-        return {PRIVATE + k: params[k].detach().unsqueeze(0).repeat(n_clients, *[1] * params[k].dim())
-                for k in self.private_keys}
+        def stack(v: torch.Tensor) -> torch.Tensor:
+            return v.detach().unsqueeze(0).repeat(n_clients, *[1] * v.dim())
+
+        state = {PRIVATE + k: stack(gstate["params"][k]) for k in self.private_keys}
+        if self.private_buffers:
+            state.update({PRIVATE_BUFFER + k: stack(v) for k, v in gstate["buffers"].items()})
+        return state
 
     # ---- model pieces ----------------------------------------------------------------------
     def features(self, params: Tensors, buffers: Tensors, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model.body, (sub(params, "body."), sub(buffers, "body.")), (x,))
+        return self.features_and_buffers(params, buffers, x)[0]
+
+    def features_and_buffers(self, params: Tensors, buffers: Tensors, x: torch.Tensor) -> tuple[torch.Tensor, Tensors]:
+        """(features, buffers after the call). Buffers are cloned first: train-mode BatchNorm updates its
+        running statistics in place, which a grad transform forbids on captured tensors and which must not
+        touch the caller's (e.g. the server's) buffers."""
+        body = {k: v.clone() for k, v in sub(buffers, "body.").items()}
+        h = functional_call(self.model.body, (sub(params, "body."), body), (x,))
+        return h, {**buffers, **{"body." + k: v for k, v in body.items()}}
 
     def classify(self, params: Tensors, h: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model.head, sub(params, "head."), (h,))
@@ -85,7 +103,10 @@ class PersonalizedMethod(LocalSGDMethod):
         ref = next(iter(cstate.values())) if cstate else next(iter(down["params"].values()))
         params = {k: v.clone() for k, v in down.get("params", {}).items()}
         params.update({k: cstate[PRIVATE + k].clone() for k in self.private_keys})
-        buffers = down.get("buffers") or self.init_buffers
+        if self.private_buffers:
+            buffers = {k: cstate[PRIVATE_BUFFER + k] for k in self.init_buffers}
+        else:
+            buffers = down.get("buffers") or self.init_buffers
         local: dict[str, Any] = {"params": params, "buffers": {k: v.clone() for k, v in buffers.items()},
                                  "steps": torch.zeros((), dtype=ref.dtype, device=ref.device)}
         if float(self.hp.get("momentum", 0.0)) > 0:
@@ -128,7 +149,10 @@ class PersonalizedMethod(LocalSGDMethod):
         up = {} if self.shared == "none" else {
             "params": {k: local["params"][k] for k in self.shared_keys},
             "buffers": local["buffers"] if self.shared in ("all", "body") else {}}
-        return up, {PRIVATE + k: local["params"][k] for k in self.private_keys}
+        keep = {PRIVATE + k: local["params"][k] for k in self.private_keys}
+        if self.private_buffers:
+            keep.update({PRIVATE_BUFFER + k: v for k, v in local["buffers"].items()})
+        return up, keep
 
     # ---- evaluation ------------------------------------------------------------------------
     def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
@@ -136,4 +160,6 @@ class PersonalizedMethod(LocalSGDMethod):
         """The model client `cstate` predicts with: shared part from the server, private part its own."""
         params = dict(gstate["params"])
         params.update({k: cstate[PRIVATE + k] for k in self.private_keys})
+        if self.private_buffers:
+            return params, {k: cstate[PRIVATE_BUFFER + k] for k in gstate["buffers"]}
         return params, gstate["buffers"]
