@@ -5,7 +5,7 @@
 # personal test accuracy (each client's model on its own test split) and bytes per round.
 # digits leaves ~50 training samples per client (3 minibatches), so it runs 5 local epochs per round;
 # mnist5k runs 1.
-#   bash scripts/personal_sweep.sh [OUT_DIR] [DATASETS]      (about 40 minutes on 2 CPU cores)
+#   bash scripts/personal_sweep.sh [OUT_DIR] [DATASETS]      (about 50 minutes on 2 CPU cores)
 set -euo pipefail
 OUT=${1:-benchmarks/personal/sweep}
 DATASETS=${2:-mnist5k digits}
