@@ -37,8 +37,9 @@ class PersonalizedMethod(LocalSGDMethod):
     def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
         super().setup(params, buffers, total_rounds)
         if not any(k.startswith("body.") for k in params) or not any(k.startswith("head.") for k in params):
-            raise ConfigError(f"method={self.name} needs a backbone split into body and head "
-                              f"(every built-in backbone is); got parameters {sorted(params)[:3]}...")
+            raise ConfigError(f"method={self.name} needs a backbone split into body and head (a feature "
+                              f"extractor and a classifier: mlp, cnn, lenet5, resnet18, ...; logreg is a "
+                              f"classifier only); got parameters {sorted(params)[:3]}")
         self.shared_keys = [k for k in params if self.is_shared(k)]
         self.private_keys = [k for k in params if not self.is_shared(k)]
         self.init_buffers = {k: v.detach().clone() for k, v in buffers.items()}
