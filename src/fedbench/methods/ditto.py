@@ -10,7 +10,7 @@ import torch
 from torch.func import grad
 
 from fedbench.methods.base import Tensors
-from fedbench.methods.personal import PersonalizedMethod
+from fedbench.methods.personal import PersonalizedMethod, per_client
 from fedbench.registry import register
 
 PERSONAL = "v:"
@@ -23,8 +23,7 @@ class Ditto(PersonalizedMethod):
     has_global_model = True
 
     def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
-        return {PERSONAL + k: v.detach().unsqueeze(0).repeat(n_clients, *[1] * v.dim())
-                for k, v in gstate["params"].items()}
+        return {PERSONAL + k: per_client(v, n_clients) for k, v in gstate["params"].items()}
 
     def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
         local = super().client_init(down, {}, client_id)

@@ -28,7 +28,7 @@ from torch.func import grad
 
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors
-from fedbench.methods.personal import PRIVATE, PersonalizedMethod
+from fedbench.methods.personal import PRIVATE, PersonalizedMethod, per_client
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
@@ -91,15 +91,13 @@ class FedeCouple(PersonalizedMethod):
     # ---- state -----------------------------------------------------------------------------
     def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
         p = gstate["params"]
-        state = {PRIVATE + k: p[k].detach().unsqueeze(0).repeat(n_clients, *[1] * p[k].dim())
-                 for k in self.head_keys}
+        state = {PRIVATE + k: per_client(p[k], n_clients) for k in self.head_keys}
         ref = p["head.weight"]
         state["anchors"] = ref.new_zeros(n_clients, self.num_classes, self.feature_dim)
         state["anchor_seen"] = ref.new_zeros(n_clients, self.num_classes)
         if self.eval_extractor == "local":
             body = {**{k: v for k, v in p.items() if not k.startswith("head.")}, **gstate["buffers"]}
-            state.update({EXTRACTOR + k: v.detach().unsqueeze(0).repeat(n_clients, *[1] * v.dim())
-                          for k, v in body.items()})
+            state.update({EXTRACTOR + k: per_client(v, n_clients) for k, v in body.items()})
             state["x_trained"] = ref.new_zeros(n_clients)  # 0 until the client's first round
         return state
 

@@ -23,6 +23,11 @@ PRIVATE = "p:"  # client-state prefix of a private parameter
 PRIVATE_BUFFER = "pb:"  # ... of a private buffer (BatchNorm statistics of a body that is not shared)
 
 
+def per_client(v: torch.Tensor, n_clients: int) -> torch.Tensor:
+    """The same starting value for every client, stacked `[N, ...]` (client state, never objects)."""
+    return v.detach().unsqueeze(0).repeat(n_clients, *[1] * v.dim())
+
+
 def sub(tree: Tensors, prefix: str) -> Tensors:
     """{'body.0.weight': t} -> {'0.weight': t} for prefix 'body.'."""
     return {k[len(prefix):]: v for k, v in tree.items() if k.startswith(prefix)}
@@ -54,12 +59,9 @@ class PersonalizedMethod(LocalSGDMethod):
 
     def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
         # every client's private part starts from the same initial (or warm-start) values
-        def stack(v: torch.Tensor) -> torch.Tensor:
-            return v.detach().unsqueeze(0).repeat(n_clients, *[1] * v.dim())
-
-        state = {PRIVATE + k: stack(gstate["params"][k]) for k in self.private_keys}
+        state = {PRIVATE + k: per_client(gstate["params"][k], n_clients) for k in self.private_keys}
         if self.private_buffers:
-            state.update({PRIVATE_BUFFER + k: stack(v) for k, v in gstate["buffers"].items()})
+            state.update({PRIVATE_BUFFER + k: per_client(v, n_clients) for k, v in gstate["buffers"].items()})
         return state
 
     # ---- model pieces ----------------------------------------------------------------------
