@@ -31,6 +31,26 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None,
                           text=True, timeout=timeout)
 
 
+def make_method(method_cls, hp: dict | None = None, *, model=None, params=None, buffers=None,
+                task: str = "classification", num_classes: int = 10, total_rounds: int = 1, lr: float = 0.1,
+                label_counts=None, in_features: int = 0):
+    """A method object set up as a run would do it: typed config from `hp`, then setup(RunContext)."""
+    import torch
+
+    from fedbench.config import build_config
+    from fedbench.engine.functional import make_loss_fn, split_state
+    from fedbench.engine.protocol import RunContext
+
+    method = method_cls(build_config(method_cls.Config, {"name": method_cls.name, **(hp or {})}))
+    if model is not None and params is None:
+        params, buffers = split_state(model)
+    loss_fn = make_loss_fn(model, task) if model is not None else None
+    method.setup(RunContext(device=torch.device("cpu"), task=task, num_classes=num_classes, in_features=in_features,
+                            total_rounds=total_rounds, lr=lr, model=model, loss_fn=loss_fn, params=params or {},
+                            buffers=buffers or {}, label_counts=label_counts))
+    return method
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

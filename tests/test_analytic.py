@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_cfg, read_jsonl
+from conftest import compose_cfg, make_method, read_jsonl
 from fedbench.data.datasets import load_digits
 from fedbench.errors import ConfigError
 from fedbench.experiment import run_experiment
@@ -37,7 +37,7 @@ def centralised_deepafl(T, h, f, ridge, gamma, seed):
     ds = load_digits(compose_cfg(["dataset=digits"]).dataset)
     x = ds.x_train.reshape(len(ds.x_train), -1).double()
     y = F.one_hot(ds.y_train, 10).double()
-    m = DeepAFL({"T": T, "h": h, "f": f, "random_seed": seed}, None, 0.0, num_classes=10, in_features=x.shape[1])
+    m = make_method(DeepAFL, {"T": T, "h": h, "f": f, "random_seed": seed}, in_features=x.shape[1])
     maps = m.random_maps("cpu")
     phi = torch.tanh(x @ maps["A0"] + maps["a0"])
     Ws, Omegas = [], []

@@ -123,16 +123,16 @@ def test_no_gradient_state_or_bytes_for_the_structural_copy(tmp_path):
 
 
 def test_structural_parameters_get_no_gradient():
+    from conftest import make_method
+    from fedbench.engine.protocol import RoundContext
     from fedbench.methods.fedsq import FedSQ
 
     net = tiny_net()
     params, buffers = split_state(net)
-    m = FedSQ({}, None, 0.1)
-    m.model, m.task = net, "regression"
-    m.setup(params, buffers, 1)
+    m = make_method(FedSQ, model=net, task="regression")
     before = {k: v.clone() for k, v in m.struct[0].items()}
     g = m.init_global(params, buffers)
-    down = m.broadcast(g, 1).tensors
+    down = m.broadcast(g, RoundContext(1, torch.tensor([0]), torch.ones(1), 1, 1)).tensors
     local = m.client_init(down, {}, torch.tensor(0))
     batch = {"x": torch.randn(8, 2), "y": torch.randn(8), "w": torch.ones(8)}
     local, _ = m.client_step(local, down, batch)
@@ -150,13 +150,13 @@ def test_calibration_fine_tunes_on_a_server_sample_before_freezing():
         torch.manual_seed(1)
         nets.append(build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 8, 8), 10))
     start = {k: v.clone() for k, v in nets[0].state_dict().items()}
-    info = [calibrate(n, x, y, {"calibration_epochs": 2, "calibration_fraction": 0.1}, seed=3) for n in nets]
+    info = [calibrate(n, x, y, epochs=2, fraction=0.1, lr=0.01, batch_size=32, seed=3) for n in nets]
     assert info[0]["calibration.samples"] == 20 and info[0]["calibration.epochs"] == 2
     assert not torch.equal(nets[0].state_dict()["head.weight"], start["head.weight"])  # it trained
     a, b = nets[0].state_dict(), nets[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic
     with pytest.raises(ConfigError, match="calibration_fraction"):
-        calibrate(nets[0], x, y, {"calibration_epochs": 1, "calibration_fraction": 0.0}, seed=3)
+        calibrate(nets[0], x, y, epochs=1, fraction=0.0, lr=0.01, batch_size=32, seed=3)
 
 
 def test_calibrated_fedsq_sends_no_extra_bytes_and_resumes_exactly(tmp_path):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import compose_cfg, read_jsonl, run_cli
+from conftest import compose_cfg, make_method, read_jsonl, run_cli
 from fedbench.experiment import run_experiment
 from fedbench.methods.flops import FLoPS
 from fedbench.metrics.comm import SPARSE, SPARSE_GROUP, Payload, payload_bytes, payload_bytes_per_message
@@ -59,9 +59,9 @@ def test_gradients_reach_log_alpha_through_sampled_gates():
 
 
 def test_dual_variable_restarts_when_constraint_holds():
-    m = FLoPS({"target_density": 0.1, "prune_start": None, "eta_lambda": 0.5}, None, 0.0)
     params = {"w": torch.zeros(10, 100)}
-    m.setup(params, {}, 10)
+    m = make_method(FLoPS, {"target_density": 0.1, "prune_start": None, "eta_lambda": 0.5}, params=params,
+                    total_rounds=10)
     lam = torch.tensor(3.0)
     dense = torch.full((1000,), 5.0)  # P ~ 1 > 0.1: violated -> lambda grows
     lam2, c = m.dual_update(lam, dense)
@@ -73,10 +73,9 @@ def test_dual_variable_restarts_when_constraint_holds():
 
 @pytest.mark.parametrize("rank_by", ["log_alpha", "saliency"])
 def test_gate_scaling_opens_exactly_m(rank_by):
-    m = FLoPS({"target_density": 0.05, "prune_start": 3, "scale_factor": 0.1, "project": "final",
-               "rank_by": rank_by}, None, 0.0)
     params = {"w": torch.randn(1, 1000, generator=torch.Generator().manual_seed(2))}
-    m.setup(params, {}, 10)
+    m = make_method(FLoPS, {"target_density": 0.05, "prune_start": 3, "scale_factor": 0.1, "project": "final",
+                            "rank_by": rank_by}, params=params, total_rounds=10)
     la = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     assert torch.equal(m.scale_gates(la, params, 2), la)  # before prune_start: untouched
     mid = m.scale_gates(la, params, 5)                    # gradual: a shift, not yet exact

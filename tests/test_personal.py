@@ -2,20 +2,23 @@
 anchors (never sent), personal classifiers that persist, fair aggregation weights, the batched executor
 oracle, and a 500-client run with stacked client state."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils._pytree import tree_map
 
-from conftest import compose_cfg, read_jsonl
+from conftest import compose_cfg, make_method, read_jsonl
 from fedbench.data.partitions import Partition, make_partition
 from fedbench.engine.executors import SequentialExecutor
-from fedbench.engine.functional import make_loss_fn, split_state
+from fedbench.engine.functional import split_state, tree_assign, tree_index
+from fedbench.engine.protocol import RoundContext
 from fedbench.errors import ConfigError
 from fedbench.experiment import evaluate_personal, run_experiment
 from fedbench.methods.fedecouple import FedeCouple, fair_weights
-from fedbench.methods.fedrod import PERSONAL_HEAD, FedRoD
-from fedbench.methods.personal import PRIVATE, PRIVATE_BUFFER
+from fedbench.methods.fedrod import FedRoD
 from fedbench.metrics.comm import payload_bytes
 from fedbench.models.backbones import build_model
 
@@ -99,9 +102,7 @@ def fedecouple_round(cstates=None, rounds=1, **hp):
     model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 8, 8), 10).double()
     params, buffers = split_state(model)
     hp = {"anchors": "ema", "anchor_weight": 1.0, **hp}
-    method = FedeCouple(hp, make_loss_fn(model, "classification"), 0.1, num_classes=10)
-    method.model, method.task = model, "classification"
-    method.setup(params, buffers, 5)
+    method = make_method(FedeCouple, hp, model=model, total_rounds=5)
     x = torch.randn(120, 1, 8, 8, dtype=torch.float64)
     y = torch.arange(120) % 10
     view = ClientView.build(x, y, [np.arange(i * 20, (i + 1) * 20) for i in range(6)])
@@ -111,15 +112,15 @@ def fedecouple_round(cstates=None, rounds=1, **hp):
     for r in range(1, rounds + 1):
         cohort = torch.tensor([0, 2, 4]) if r % 2 else torch.tensor([1, 2, 3])
         sched = make_schedule(view, cohort.numpy(), 0, r, 8, 1, None, torch.float64, "cpu")
-        down = method.broadcast(gstate, r)
-        before = {k: v.clone() for k, v in cstates.items()}
-        res = SequentialExecutor().run(method, down.tensors, {k: v[cohort] for k, v in cstates.items()}, cohort,
+        ctx = RoundContext(r, cohort, torch.full((3,), 20.0, dtype=torch.float64), 6, 5)
+        down = method.broadcast(gstate, ctx)
+        before = tree_map(torch.clone, cstates)
+        res = SequentialExecutor().run(method.client_fns(ctx), down.tensors, tree_index(cstates, cohort), cohort,
                                        view, sched)
-        for k, v in res.client_states.items():
-            cstates[k][cohort] = v
-        gstate = method.aggregate(gstate, res.uplink, torch.full((3,), 20.0, dtype=torch.float64), r, cohort, 6)
+        tree_assign(cstates, cohort, res.client_states)
+        gstate, _ = method.aggregate(gstate, res.uplink, ctx)
         log.append({"down": down, "up": res.uplink, "cohort": cohort, "before": before,
-                    "after": {k: v.clone() for k, v in cstates.items()}, "gstate": gstate})
+                    "after": tree_map(torch.clone, cstates), "gstate": gstate})
     return method, params, log
 
 
@@ -139,19 +140,20 @@ def test_fedecouple_anchors_are_never_sent_and_cost_zero_bytes():
 
 def test_fedecouple_personal_classifier_persists_and_is_not_overwritten():
     method, _, log = fedecouple_round(rounds=2)
-    head = [k for k in log[0]["after"] if k.startswith(PRIVATE)]
-    assert head == [PRIVATE + "head.weight", PRIVATE + "head.bias"]
+    head = list(log[0]["after"]["private"])
+    assert head == ["head.weight", "head.bias"]
     r1, r2 = log
-    key = PRIVATE + "head.weight"
+    key = "head.weight"
+    a1, b1, a2, b2 = (r["private"] for r in (r1["after"], r1["before"], r2["after"], r2["before"]))
     # round 1 (clients 0, 2, 4): their heads trained, differ from each other and from the global head
-    assert not torch.equal(r1["after"][key][0], r1["before"][key][0])
-    assert not torch.equal(r1["after"][key][0], r1["after"][key][2])
-    assert not torch.equal(r1["after"][key][0], r1["gstate"]["params"]["head.weight"])
+    assert not torch.equal(a1[key][0], b1[key][0])
+    assert not torch.equal(a1[key][0], a1[key][2])
+    assert not torch.equal(a1[key][0], r1["gstate"]["params"]["head.weight"])
     # round 2 (clients 1, 2, 3): client 0's head is exactly what it kept after round 1, although the
     # server aggregated again; client 2 continued from its own round-1 head
-    assert torch.equal(r2["after"][key][0], r1["after"][key][0])
-    assert torch.equal(r2["before"][key][2], r1["after"][key][2])
-    assert not torch.equal(r2["after"][key][2], r1["after"][key][2])
+    assert torch.equal(a2[key][0], a1[key][0])
+    assert torch.equal(b2[key][2], a1[key][2])
+    assert not torch.equal(a2[key][2], a1[key][2])
 
 
 def test_fedecouple_clients_predict_with_their_own_extractor():
@@ -161,16 +163,16 @@ def test_fedecouple_clients_predict_with_their_own_extractor():
     body = [k for k in g["params"] if k.startswith("body.")]
 
     def personal(k, state):
-        return method.personal_params(g, {n: v[k] for n, v in state.items()}, None, None)[0]
+        return method.personal_params(g, tree_index(state, k), None, None)[0]
 
     for slot, k in enumerate(rec["cohort"].tolist()):  # trained: theta_k as uploaded, not the average
         mine = personal(k, rec["after"])
         assert all(torch.equal(mine[n], rec["up"]["params"][n][slot]) for n in body)
         assert not torch.equal(mine[body[0]], g["params"][body[0]])
-        assert torch.equal(mine["head.weight"], rec["after"][PRIVATE + "head.weight"][k])
+        assert torch.equal(mine["head.weight"], rec["after"]["private"]["head.weight"][k])
     never = personal(1, rec["after"])  # not sampled yet: the global extractor
     assert all(torch.equal(never[n], g["params"][n]) for n in body)
-    method.eval_extractor = "global"
+    method.cfg = dataclasses.replace(method.cfg, eval_extractor="global")
     assert torch.equal(personal(0, rec["after"])[body[0]], g["params"][body[0]])
 
 
@@ -211,18 +213,16 @@ def test_fedrod_personal_head_stays_private_and_adds_to_the_generic_logits(tmp_p
     assert rod["comm/bytes_total"] == avg["comm/bytes_total"]  # the personal heads never leave
     ckpt = torch.load(tmp_path / "rod" / "checkpoint.pt", weights_only=False)
     g, cs = ckpt["gstate"], ckpt["cstates"]
-    trained = cs[PERSONAL_HEAD + "head.weight"].flatten(1).abs().sum(1) > 0
+    trained = cs["personal_head"]["head.weight"].flatten(1).abs().sum(1) > 0
     assert 0 < int(trained.sum()) < 8  # half participation, 2 rounds: some clients trained, not all
     model = build_model(OmegaConf.create({"name": "mlp", "hidden": [32]}), (1, 8, 8), 10)
-    method = FedRoD({}, None, 0.1, num_classes=10)
-    method.model, method.task = model, "classification"
-    method.setup(g["params"], g["buffers"], 2)
+    method = make_method(FedRoD, model=model, params=g["params"], buffers=g["buffers"], total_rounds=2)
     k = int(torch.nonzero(trained)[0])
-    params, _ = method.personal_params(g, {n: v[k] for n, v in cs.items()}, None, None)
+    params, _ = method.personal_params(g, tree_index(cs, k), None, None)
     x = torch.randn(5, 1, 8, 8)
     h = method.features(g["params"], g["buffers"], x)
     generic = method.classify(g["params"], h)
-    own = method.classify({n[len(PERSONAL_HEAD):]: v[k] for n, v in cs.items() if n.startswith(PERSONAL_HEAD)}, h)
+    own = method.classify({n: v[k] for n, v in cs["personal_head"].items()}, h)
     merged = torch.func.functional_call(model, params, (x,))
     assert torch.allclose(merged, generic + own, atol=1e-5)
 
@@ -231,15 +231,13 @@ def test_fedrod_balanced_loss_does_not_push_down_classes_a_client_lacks():
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 8, 8), 10).double()
     params, buffers = split_state(model)
-    method = FedRoD({}, make_loss_fn(model, "classification"), 0.5, num_classes=10)
-    method.model, method.task = model, "classification"
-    method.setup(params, buffers, 1)
-    method.label_counts = torch.zeros(1, 10, dtype=torch.float64)
-    method.label_counts[0, :2] = 10.0  # this client holds classes 0 and 1 only
+    counts = torch.zeros(1, 10, dtype=torch.float64)
+    counts[0, :2] = 10.0  # this client holds classes 0 and 1 only
+    method = make_method(FedRoD, model=model, lr=0.5, label_counts=counts)
     g = method.init_global(params, buffers)
     cs = method.init_client_states(g, 1)
-    down = method.broadcast(g, 1).tensors
-    local = method.client_init(down, {k: v[0] for k, v in cs.items()}, torch.tensor(0))
+    down = method.broadcast(g, RoundContext(1, torch.tensor([0]), torch.ones(1), 1, 1)).tensors
+    local = method.client_init(down, tree_index(cs, 0), torch.tensor(0))
     batch = {"x": torch.randn(8, 1, 8, 8, dtype=torch.float64), "y": torch.arange(8) % 2,
              "w": torch.ones(8, dtype=torch.float64)}
     new, _ = method.client_step(local, down, batch)
@@ -258,7 +256,7 @@ def test_batchnorm_statistics_are_carried_and_kept_where_they_belong(tmp_path, m
     assert s["status"] == "completed"
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     if method == "fedproto":  # nothing shared: each client keeps its own statistics
-        mean = ckpt["cstates"][PRIVATE_BUFFER + "body.1.running_mean"]
+        mean = ckpt["cstates"]["private_buffers"]["body.1.running_mean"]
         assert mean.shape[0] == 4 and not torch.equal(mean[0], mean[1])
     else:
         mean = ckpt["gstate"]["buffers"]["body.1.running_mean"]
@@ -288,7 +286,7 @@ def test_500_clients_with_stacked_personal_state(tmp_path):
     s = run_experiment(compose_cfg(cfg), tmp_path)
     cstates = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["cstates"]
     # one stacked tensor per piece of personal state, [500, ...]; no per-client objects
-    assert cstates["anchors"].shape[:2] == (500, 10) and cstates[PRIVATE + "head.weight"].shape[0] == 500
+    assert cstates["anchors"].shape[:2] == (500, 10) and cstates["private"]["head.weight"].shape[0] == 500
     assert s["status"] == "completed" and 0.0 <= s["personal/test_acc"] <= 1.0
 
 

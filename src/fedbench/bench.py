@@ -1,6 +1,6 @@
 """Benchmark: fixed FedAvg workloads run with every executor and with a reference loop written the way
 most FL frameworks do it (a deep-copied model, a DataLoader and torch.optim per client), all on the same
-data and the same batch schedule. See specs/performance.md.
+data and the same batch schedule. See the README, Performance.
 
     fedbench-bench                       # CPU, all workloads, writes benchmarks/results/<device>-<time>.json
     fedbench-bench --device cuda --workloads cnn cifar_pfl
@@ -28,10 +28,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
 from fedbench.data.partitions import iid
-from fedbench.engine.executors import BatchedExecutor, SequentialExecutor
+from fedbench.engine.executors import BatchedExecutor, Executor, SequentialExecutor
 from fedbench.engine.functional import make_loss_fn, split_state
+from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.methods.fedavg import FedAvg
 from fedbench.models.backbones import build_model
+from fedbench.run.loop import run_round
 
 
 @dataclass
@@ -76,7 +78,11 @@ def make_data(w: Workload, device: torch.device, dtype: torch.dtype, seed: int =
 def build(w: Workload, device: torch.device, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(OmegaConf.create({"name": w.backbone}), w.input_shape, w.classes).to(device=device, dtype=dtype)
-    method = FedAvg({}, make_loss_fn(model, "classification"), w.lr)
+    method = FedAvg()
+    params, buffers = split_state(model)
+    method.setup(RunContext(device=device, task="classification", num_classes=w.classes,
+                            in_features=math.prod(w.input_shape), total_rounds=1, lr=w.lr, model=model,
+                            loss_fn=make_loss_fn(model, "classification"), params=params, buffers=buffers))
     return model, method
 
 
@@ -86,11 +92,12 @@ def schedule(w: Workload, view: ClientView, round_: int, dtype: torch.dtype, dev
     return cohort, sched
 
 
-def engine_round(method: FedAvg, executor: Any, gstate: dict, view: ClientView, cohort: np.ndarray,
-                 sched: BatchSchedule, sizes: torch.Tensor) -> dict:
+def engine_round(method: FedAvg, executor: Executor, gstate: dict, view: ClientView, cohort: np.ndarray,
+                 sched: BatchSchedule, sizes: torch.Tensor, round_: int = 1) -> dict:
+    """One round through the run loop's own `run_round`; returns the new global state."""
     c = torch.as_tensor(cohort, device=view.x.device)
-    res = executor.run(method, method.broadcast(gstate, 0).tensors, {}, c, view, sched)
-    return method.aggregate(gstate, res.uplink, sizes[c], 0, c, view.num_clients)
+    ctx = RoundContext(round_, c, sizes[c], view.num_clients, round_)
+    return run_round(method, executor, gstate, {}, ctx, view, sched).gstate
 
 
 def reference_round(model: torch.nn.Module, view: ClientView, cohort: np.ndarray, sched: BatchSchedule,
@@ -172,7 +179,7 @@ def time_variant(w: Workload, variant: str, device: torch.device, dtype: torch.d
         if executor is None:
             reference_round(model, view, cohort, sched, sizes, w.lr)
         else:
-            gstate = engine_round(method, executor, gstate, view, cohort, sched, sizes)
+            gstate = engine_round(method, executor, gstate, view, cohort, sched, sizes, r + 1)
         sync(device)
         if r > 0:
             times.append(time.perf_counter() - t0)

@@ -25,7 +25,7 @@ def install_stop_handler() -> None:
     import signal
     import threading
 
-    from fedbench.experiment import StopFlag
+    from fedbench.run.callbacks import StopFlag
 
     if threading.current_thread() is not threading.main_thread():
         return
@@ -40,20 +40,33 @@ def install_stop_handler() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def available(group: str) -> list[str]:
-    root = resources.files("fedbench.conf") / group
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+def search_dirs(argv: list[str]) -> list[Path]:
+    """Extra config dirs from a `hydra.searchpath=[file://DIR,...]` override (plugins' YAML presets)."""
+    dirs: list[Path] = []
+    for arg in argv:
+        if arg.lstrip("+").startswith("hydra.searchpath="):
+            for item in arg.split("=", 1)[1].strip("[]").split(","):
+                item = item.strip().strip("'\"")
+                if item.startswith("file://"):
+                    dirs.append(Path(item[len("file://"):]))
+    return dirs
+
+
+def available(group: str, extra_dirs: list[Path] | None = None) -> list[str]:
+    roots = [resources.files("fedbench.conf") / group, *(d / group for d in extra_dirs or [])]
+    return sorted({p.name[:-5] for root in roots if root.is_dir() for p in root.iterdir() if p.name.endswith(".yaml")})
 
 
 def check_group_overrides(argv: list[str]) -> str | None:
     """One clear line for an unknown config-group choice (Hydra's own message is a wall of text)."""
+    extra = search_dirs(argv)
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, _, value = arg.lstrip("+~").partition("=")
         if key not in GROUPS:
             continue
-        choices = available(key)
+        choices = available(key, extra)
         values = value.split(",") if value and not value.startswith(("range(", "choice(", "glob(")) else [value]
         for v in values:
             if v and v not in choices:
@@ -79,6 +92,64 @@ def share_cores_with_parallel_jobs(cfg: DictConfig, hc: object) -> None:
                                        n_jobs, cores, torch.get_num_threads())
 
 
+def _composition_error(e: Exception, job: list[str]) -> str:
+    """Hydra's multi-line composition error as one line; an unknown key names the keys allowed there."""
+    import re
+
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    found = re.search(r"Could not override '([^']+)'", text)
+    if found:
+        key = found.group(1)
+        parent, _, leaf = key.rpartition(".")
+        rest = [o for o in job if not o.lstrip("+~").startswith(key + "=")]
+        try:
+            node = OmegaConf.select(compose("config", overrides=rest), parent) if parent else None
+        except Exception:  # noqa: BLE001 - fall back to Hydra's own words
+            node = None
+        if node is not None and OmegaConf.is_dict(node):
+            return f"{key}: unknown key; allowed: {', '.join(sorted(node))}"
+        return f"{key}: unknown key"
+    cause = str(e.__cause__).splitlines()[0] if e.__cause__ is not None else ""
+    return f"{text} {cause}".strip()
+
+
+def preflight(argv: list[str]) -> str | None:
+    """Compose and validate every job's config before Hydra starts anything (a multirun is expanded the
+    way Hydra's basic sweeper does it), so a bad key or value stops the command with one line and no
+    job is launched. Returns the error line, or None. Options other than -m are left to Hydra."""
+    from hydra import compose, initialize_config_module
+
+    from fedbench.errors import ConfigError
+    from fedbench.run.validation import validate
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.startswith("-")]
+    if any(o.startswith("hydra/sweeper=") for o in overrides):
+        return None
+    jobs = [overrides]
+    if multirun:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    with initialize_config_module(config_module="fedbench.conf", version_base="1.3"):
+        for job in jobs:
+            where = f" (in the job {' '.join(job)})" if multirun else ""
+            try:
+                validate(compose("config", overrides=job), check_device=False)
+            except ConfigError as e:
+                return f"{e}{where}"
+            except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf composition errors
+                return f"{_composition_error(e, job)}{where}"
+    return None
+
+
 def _fail(msg: str, code: int) -> None:
     print(f"fedbench: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -86,8 +157,8 @@ def _fail(msg: str, code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from fedbench.errors import ConfigError
-    from fedbench.experiment import DivergedError, Preempted, format_summary, run_experiment
+    from fedbench.errors import ConfigError, DivergedError, Preempted
+    from fedbench.experiment import format_summary, run_experiment
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -113,7 +184,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     logging.getLogger("fedbench").setLevel(logging.INFO)
-    msg = check_group_overrides(sys.argv[1:])
+    msg = check_group_overrides(sys.argv[1:]) or preflight(sys.argv[1:])
     if msg:
         _fail(msg, EXIT_CONFIG)
     _hydra_main()

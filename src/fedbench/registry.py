@@ -1,31 +1,69 @@
-"""Name -> builder tables, one per kind (method, backbone, dataset, partition)."""
+"""Name -> builder tables, one per kind (method, backbone, dataset, partition).
+
+Builders register themselves with `@register(kind, name)`. The modules of each kind are found by
+convention (every module of the kind's package is imported on first use), so a new method is one module
+in `fedbench/methods/` and one YAML in `conf/method/`. Methods outside the package are plugins: name their
+modules in `FEDBENCH_PLUGINS` (comma-separated) or declare them in the `fedbench.methods` entry-point group.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any
 
 from fedbench.errors import ConfigError
 
-_TABLES: dict[str, dict[str, Callable[..., Any]]] = {}
+_TABLES: dict[str, dict[str, Any]] = {}
+_PACKAGES = {"method": ("fedbench.methods",), "dataset": ("fedbench.data",),
+             "partition": ("fedbench.data",), "backbone": ("fedbench.models",)}
+_DISCOVERED: set[str] = set()
 
 
-def register(kind: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register(kind: str, name: str) -> Callable[[Any], Any]:
     """Decorator: make `fn` the builder for `kind=name`."""
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def deco(fn: Any) -> Any:
         _TABLES.setdefault(kind, {})[name] = fn
         return fn
 
     return deco
 
 
-def lookup(kind: str, name: str) -> Callable[..., Any]:
-    table = _TABLES.get(kind, {})
-    if name not in table:
-        raise ConfigError(f"{kind}={name!r} is unknown; allowed: {', '.join(sorted(table))}")
-    return table[name]
+def _import_package(package: str) -> None:
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__, package + "."):
+        importlib.import_module(info.name)
+
+
+def discover(kind: str) -> None:
+    """Import every module that may register a builder of `kind` (once per process)."""
+    if kind in _DISCOVERED:
+        return
+    _DISCOVERED.add(kind)
+    for package in _PACKAGES.get(kind, ()):
+        _import_package(package)
+    if kind == "method":
+        for name in filter(None, (m.strip() for m in os.environ.get("FEDBENCH_PLUGINS", "").split(","))):
+            importlib.import_module(name)
+        for ep in entry_points(group="fedbench.methods"):
+            ep.load()
+
+
+def table(kind: str) -> dict[str, Any]:
+    discover(kind)
+    return dict(_TABLES.get(kind, {}))
+
+
+def lookup(kind: str, name: str) -> Any:
+    known = table(kind)
+    if name not in known:
+        raise ConfigError(f"{kind}={name!r} is unknown; allowed: {', '.join(sorted(known))}")
+    return known[name]
 
 
 def names(kind: str) -> list[str]:
-    return sorted(_TABLES.get(kind, {}))
+    return sorted(table(kind))

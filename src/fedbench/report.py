@@ -19,10 +19,22 @@ from typing import Any
 import pandas as pd
 import yaml
 
-METRICS = ["best/val_acc", "best/round", "best/test_acc", "final/test_acc", "rounds_to_target", "best/val_r2",
-           "final/test_r2", "comm/bytes_total", "time/total_s", "sparsity/density", "sparsity/tdr",
-           "sparsity/recall", "sparsity/f1", "personal/test_acc", "personal/test_acc_std",
-           "best/personal_test_acc", "best/personal_round", "comm/bytes_per_round"]
+# summary keys that describe the run rather than measure it (left out of the metric columns)
+NOT_METRICS = ("rounds", "n_params", "metrics.target")
+NOT_METRIC_PREFIXES = ("memory/", "warm_start.", "calibration.", "features_info.", "override:")
+# column order: headline results first, then the rest by name
+ORDER = ("best/", "final/", "rounds_to_target", "personal/", "sparsity/", "comm/", "time/", "throughput/")
+
+
+def metric_columns(df: pd.DataFrame, summary_keys: set[str]) -> list[str]:
+    """The metrics the runs actually logged: numeric summary keys, headline ones first."""
+    found = [k for k in summary_keys if k in df.columns and k not in NOT_METRICS
+             and not k.startswith(NOT_METRIC_PREFIXES) and pd.to_numeric(df[k], errors="coerce").notna().any()]
+
+    def rank(k: str) -> tuple[int, str]:
+        return next((i for i, p in enumerate(ORDER) if k.startswith(p)), len(ORDER)), k
+
+    return sorted(found, key=rank)
 
 
 def _value(text: str) -> Any:
@@ -44,7 +56,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def collect(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per run: its overrides (columns named by key), key config values, and its summary."""
-    rows = []
+    rows, summary_keys = [], set()
     for summary_file in sorted(Path(sweep_dir).glob("**/summary.json")):
         run = summary_file.parent
         row: dict[str, Any] = {"run_dir": str(run)}
@@ -60,9 +72,13 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
                       "method.target_density", "method.prune_start", "clients", "rounds"):
                 if k in cfg:
                     row[k] = cfg[k]
-        row.update(json.loads(summary_file.read_text()))
+        summary = json.loads(summary_file.read_text())
+        row.update(summary)
         rows.append(row)
-    return pd.DataFrame(rows)
+        summary_keys.update(summary)
+    df = pd.DataFrame(rows)
+    df.attrs["summary_keys"] = sorted(summary_keys)
+    return df
 
 
 def swept_keys(df: pd.DataFrame) -> list[str]:
@@ -76,7 +92,7 @@ def swept_keys(df: pd.DataFrame) -> list[str]:
 def aggregate(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     by = by or swept_keys(df) or ["method.name"]
     by = [b if b in df.columns else f"override:{b}" for b in by]
-    metrics = [m for m in METRICS if m in df.columns and pd.to_numeric(df[m], errors="coerce").notna().any()]
+    metrics = metric_columns(df, set(df.attrs.get("summary_keys", df.columns)))
     num = df[by + metrics].copy()
     for m in metrics:
         num[m] = pd.to_numeric(num[m], errors="coerce")

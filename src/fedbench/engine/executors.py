@@ -1,19 +1,24 @@
-"""Executors run the clients of one round with the SAME method code.
+"""Executors run the clients of one round with the SAME per-client functions (`ClientFns`).
 
-`sequential` loops over clients and steps (the test oracle); `batched` maps the method's per-client
-functions over the cohort with torch.func.vmap, in chunks of `chunk_size` clients.
+`sequential` loops over clients and steps (the test oracle); `batched` maps the per-client functions
+over the cohort with torch.func.vmap, in chunks of `chunk_size` clients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import vmap
 
 from fedbench.data.clients import BatchSchedule, ClientView
-from fedbench.engine.functional import Tree, tree_cat, tree_index, tree_stack, tree_where
+from fedbench.engine.functional import Tree, tree_cat, tree_index, tree_is_empty, tree_stack, tree_where
+from fedbench.engine.protocol import ClientFns
+
+if TYPE_CHECKING:
+    from fedbench.methods.base import Method
 
 
 @dataclass
@@ -42,28 +47,28 @@ def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int,
 class SequentialExecutor:
     name = "sequential"
 
-    def run(self, method: Any, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
+    def run(self, fns: ClientFns, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
             sched: BatchSchedule) -> RoundResult:
         ups, news, losses = [], [], []
-        progress = getattr(method, "needs_progress", False)
+        progress = fns.needs_progress
+        host_mask = sched.host_mask()
         for k in range(len(client_ids)):
             cs = tree_index(cstates, k)
-            local = method.client_init(down, cs, client_ids[k])
+            local = fns.init(down, cs, client_ids[k])
             total = torch.zeros((), dtype=sched.weight.dtype, device=sched.weight.device)
             n_steps = 0
-            host_mask = sched.host_mask()
             for s in range(sched.steps):
                 if not host_mask[k, s]:
                     continue
-                local, loss = method.client_step(local, down, _gather(view, sched, k, s, progress))
+                local, loss = fns.step(local, down, _gather(view, sched, k, s, progress))
                 total = total + loss
                 n_steps += 1
-            up, new_cs = method.client_final(local, down, cs)
+            up, new_cs = fns.final(local, down, cs)
             ups.append(up)
             news.append(new_cs)
             losses.append(total / max(n_steps, 1))
         samples = int(sched.weight.sum().item())
-        return RoundResult(tree_stack(ups), tree_stack(news) if news and news[0] else {},
+        return RoundResult(tree_stack(ups), {} if not news or tree_is_empty(news[0]) else tree_stack(news),
                            torch.stack(losses), samples)
 
 
@@ -75,27 +80,28 @@ class BatchedExecutor:
         self.compile = compile
         self._compiled: dict[int, Any] = {}
 
-    def _step_fn(self, method: Any):
-        step = vmap(method.client_step, in_dims=(0, None, 0))
+    def _step_fn(self, fns: ClientFns):
+        step = vmap(fns.step, in_dims=(0, None, 0))
         if not self.compile:
             return step
-        # one compiled graph per method object; recompiles only when shapes change
-        if id(method) not in self._compiled:
-            self._compiled[id(method)] = torch.compile(step, dynamic=False)
-        return self._compiled[id(method)]
+        # one compiled graph per step function (bound methods compare equal across rounds);
+        # recompiles only when shapes change
+        if fns.step not in self._compiled:
+            self._compiled[fns.step] = torch.compile(step, dynamic=False)
+        return self._compiled[fns.step]
 
-    def run(self, method: Any, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
+    def run(self, fns: ClientFns, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
             sched: BatchSchedule) -> RoundResult:
         k_total = len(client_ids)
         chunk = self.chunk_size or k_total
-        init = vmap(method.client_init, in_dims=(None, 0, 0))
-        step = self._step_fn(method)
-        final = vmap(method.client_final, in_dims=(0, None, 0))
+        init = vmap(fns.init, in_dims=(None, 0, 0))
+        step = self._step_fn(fns)
+        final = vmap(fns.final, in_dims=(0, None, 0))
         ups, news, losses = [], [], []
-        progress = getattr(method, "needs_progress", False)
+        progress = fns.needs_progress
         for start in range(0, k_total, chunk):
             rows = slice(start, min(start + chunk, k_total))
-            cs = {k: v[rows] for k, v in cstates.items()} if cstates else {}
+            cs = tree_index(cstates, rows)
             local = init(down, cs, client_ids[rows])
             mask_rows = sched.step_mask[rows]
             host_rows = sched.host_mask()[rows]
@@ -114,19 +120,23 @@ class BatchedExecutor:
             news.append(new_cs)
             losses.append(total / mask_rows.sum(1).clamp_min(1).to(total.dtype))
         samples = int(sched.weight.sum().item())
-        return RoundResult(tree_cat(ups), tree_cat(news) if news and news[0] else {}, torch.cat(losses), samples)
+        return RoundResult(tree_cat(ups), {} if not news or tree_is_empty(news[0]) else tree_cat(news),
+                           torch.cat(losses), samples)
 
 
-def pick_executor(requested: str, method: Any, model: torch.nn.Module | None, device: torch.device,
+Executor = SequentialExecutor | BatchedExecutor
+
+
+def pick_executor(requested: str, method: Method, model: torch.nn.Module | None, device: torch.device,
                   chunk_size: int | None, compile: bool = False, policy: str = "heuristic",
-                  trial: Any = None) -> tuple[Any, str]:
+                  trial: Callable[[Executor], Any] | None = None) -> tuple[Executor, str]:
     """Return (executor, reason).
 
-    `auto` with policy `heuristic` follows the measured facts in specs/performance.md (vmap wins for
-    small dense models and on GPUs; on a CPU conv nets are already compute-bound). Policy `timed` runs
-    `trial(executor)` (one round whose result is thrown away) with each executor and keeps the faster.
+    `auto` with policy `heuristic` follows measurements on a 2-core CPU (README, Performance: vmap wins
+    for small dense models and on GPUs; on a CPU conv nets are already compute-bound). Policy `timed`
+    runs `trial(executor)` (one round whose result is thrown away) with each executor and keeps the faster.
     """
-    if requested == "sequential" or not getattr(method, "batchable", True):
+    if requested == "sequential" or not method.batchable:
         why = "requested" if requested == "sequential" else f"method {method.name} is sequential-only"
         return SequentialExecutor(), why
     if requested == "batched":
@@ -145,7 +155,7 @@ def pick_executor(requested: str, method: Any, model: torch.nn.Module | None, de
             timings[ex.name] = time.perf_counter() - t0
         best = min(candidates, key=lambda e: timings[e.name])
         return best, "auto (timed one round: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()) + ")"
-    if getattr(method, "prefers_sequential", False):
+    if method.prefers_sequential:
         return SequentialExecutor(), f"auto: method {method.name} (padding to the longest client would waste compute)"
     has_conv = model is not None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if device.type == "cuda":

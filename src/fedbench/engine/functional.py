@@ -79,8 +79,22 @@ def tree_stack(trees: list[Tree]) -> Tree:
     return tree_unflatten(leaves, spec)
 
 
-def tree_index(tree: Tree, i: int | torch.Tensor) -> Tree:
+def tree_index(tree: Tree, i: int | slice | torch.Tensor) -> Tree:
     return tree_map(lambda t: t[i], tree)
+
+
+def tree_assign(dst: Tree, index: torch.Tensor, src: Tree) -> None:
+    """dst[leaf][index] = src[leaf] for every leaf, in place (client state rows of the cohort)."""
+    from torch.utils._pytree import tree_leaves
+
+    for d, s in zip(tree_leaves(dst), tree_leaves(src), strict=True):
+        d[index] = s
+
+
+def tree_is_empty(tree: Tree) -> bool:
+    from torch.utils._pytree import tree_leaves
+
+    return not tree_leaves(tree)
 
 
 def tree_cat(trees: list[Tree]) -> Tree:

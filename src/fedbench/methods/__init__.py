@@ -1,24 +1,5 @@
 """One module per method. Methods know nothing of Hydra, W&B or files.
 
-Importing this package registers every method under its config name.
+Every module here is imported by `fedbench.registry.discover("method")` on first use, so a new method is
+one module (plus its YAML preset); nothing lists them by hand.
 """
-
-from fedbench.methods import (  # noqa: F401
-    afl,
-    deepafl,
-    ditto,
-    fedavg,
-    fedbabu,
-    fedecouple,
-    fedper,
-    fedproto,
-    fedprox,
-    fedrep,
-    fedrod,
-    fedsq,
-    flops,
-    lgfedavg,
-    local,
-    pruning,
-    scaffold,
-)

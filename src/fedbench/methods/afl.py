@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fedbench.engine.protocol import RoundContext
 from fedbench.methods.analytic import AnalyticMethod, ridge_solve
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
@@ -26,7 +27,7 @@ class AFL(AnalyticMethod):
     def init_global(self, params: Any, buffers: Any) -> dict[str, Any]:
         return {"W": torch.zeros(self.in_features, self.num_classes, dtype=self.stats_dtype, device=self.device)}
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         return Payload({})  # nothing to send: the backbone is public and frozen
 
     def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
@@ -46,10 +47,10 @@ class AFL(AnalyticMethod):
     def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         return {"gram": local["gram"], "rhs": local["rhs"]}, {}
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         s = self.aggregate_sums(up)
-        return {"W": ridge_solve(s["gram"], s["rhs"], float(self.hp.get("ridge", 1.0)))}
+        return {"W": ridge_solve(s["gram"], s["rhs"], self.cfg.ridge)}, {}
 
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1).to(self.stats_dtype) @ gstate["W"]

@@ -7,37 +7,52 @@ solves least-squares problems in float64 (torch.linalg.solve / eigh, never an ex
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fedbench.config import MethodConfig
 from fedbench.errors import ConfigError
-from fedbench.methods.base import Method
+from fedbench.methods.base import Method, RunSpec
 from fedbench.metrics.comm import DENSE, SYMMETRIC, Payload
 
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+@dataclasses.dataclass(frozen=True)
+class AnalyticConfig(MethodConfig):
+    ridge: float = 1.0             # gamma in W = (sum C_k + gamma I)^-1 sum Q_k
+    stats_dtype: str = "float64"   # dtype of the statistics clients accumulate and send
+    upper_triangle: bool = False   # count only the upper triangle of symmetric uploads
+
+    def __post_init__(self) -> None:
+        if self.stats_dtype not in STATS_DTYPES:
+            raise ConfigError(f"method.stats_dtype={self.stats_dtype}: allowed: {', '.join(STATS_DTYPES)}")
+        if self.ridge < 0:
+            raise ConfigError(f"method.ridge={self.ridge}: must be >= 0")
+
+
 class AnalyticMethod(Method):
     """Single-pass statistics: every client every round, one local epoch, no learning rate."""
 
+    Config = AnalyticConfig
     reports_train_loss = False
     uses_backbone = False
     prefers_sequential = True  # one pass of big matmuls per client: nothing to gain from vmap on a CPU
 
-    def __init__(self, hp: dict[str, Any], loss_fn: Any, lr: float, num_classes: int = 0, in_features: int = 0):
-        super().__init__(hp, loss_fn, lr, num_classes, in_features)
-        name = str(hp.get("stats_dtype", "float64"))
-        if name not in STATS_DTYPES:
-            raise ConfigError(f"method.stats_dtype={name}: allowed: {', '.join(STATS_DTYPES)}")
-        self.stats_dtype = STATS_DTYPES[name]
-        self.sym_encoding = SYMMETRIC if bool(hp.get("upper_triangle", False)) else DENSE
+    def __init__(self, config: AnalyticConfig | None = None):
+        super().__init__(config)
+        self.stats_dtype = STATS_DTYPES[self.cfg.stats_dtype]
+        self.sym_encoding = SYMMETRIC if self.cfg.upper_triangle else DENSE
 
     def required_rounds(self) -> int:
         raise NotImplementedError
 
-    def check_run(self, rounds: int, participation: float, local_epochs: int, local_steps: Any) -> None:
+    def check_run(self, run: RunSpec) -> None:
+        rounds, participation, local_epochs, local_steps = (run.rounds, run.participation, run.local_epochs,
+                                                             run.local_steps)
         need = self.required_rounds()
         if rounds != need:
             raise ConfigError(f"rounds={rounds}: method={self.name} runs exactly {need} communication rounds "

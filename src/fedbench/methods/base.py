@@ -1,97 +1,165 @@
-"""The method API. Client code is written for ONE client as pure tensor functions; the executor adds
-the client dimension (a loop, or torch.func.vmap). See specs/architecture.md.
+"""The method protocol, in one place. Client code is written for ONE client as pure tensor functions;
+the executor adds the client dimension (a loop, or torch.func.vmap). See docs/architecture.md.
 
-    init_global(params, buffers)                 -> global state (dict of tensors)
-    init_client_states(global_state, n_clients)  -> persistent per-client state, stacked [N, ...]
-    broadcast(global_state, round)               -> downlink Payload
+Required (server side):
+    init_global(params, buffers)                 -> global state (a tree of tensors)
+    broadcast(global_state, round_ctx)           -> downlink Payload
+    aggregate(global_state, stacked_up, round_ctx) -> (global state, {metric: value})
+Required (one client; batchable: no Python branches on tensor values, no .item(), no torch.optim):
     client_init(down, client_state, client_id)   -> local state
-    client_step(local, down, batch)              -> (local state, loss)     # one minibatch:
-                                                   batch = {x, y, w (sample weights, 0 = padding), noise?}
+    client_step(local, down, batch)              -> (local state, loss)   batch = {x, y, w, noise?, progress?}
     client_final(local, down, client_state)      -> (uplink tensors, new client state)
-    uplink(stacked_up)                           -> uplink Payload (for byte counting)
-    aggregate(global_state, stacked_up, weights, round, cohort, n_clients) -> global state
-    eval_state(global_state)                     -> (params, buffers) of the global model
 
-A method that needs randomness inside a step sets `noise_dim` (> 0): every step then gets
-batch["noise"], uniform(0, 1) numbers of that size drawn from the client's seeded generator for the
-round, so the sequential and batched executors see the same numbers and a resumed run redraws them.
+Optional, with the defaults below (override what the method needs; nothing is probed with hasattr):
+    Config                      the hyperparameters, a frozen dataclass (defaults written once)
+    setup(run_ctx)              once per run (fresh or resumed): what the method needs from the run
+    prepare_model(model, ctx)   change the backbone before the starting parameters are taken (FedSQ's
+                                central calibration); returns provenance for the summary
+    init_client_states(gstate, n_clients) -> persistent per-client state, a tree stacked [N, ...]
+    client_fns(round_ctx)       the three client functions of a round (bind static round facts here)
+    uplink(stacked_up)          -> uplink Payload (encodings for byte counting)
+    check_run(run)              run-level requirements (rounds, participation, ...), ConfigError if unmet
+    should_evaluate(round, due) evaluate on this round? (default: `due`, from eval_every)
+    predict(gstate, x)          the global model's outputs (default: the backbone with eval_state)
+    personal_params(gstate, client_state, x_train, y_train) -> the (params, buffers) a client predicts
+                                with (default: the global model, so every method is scored per client)
+    gated_final(gstate)         the sparsified tensors (density, TDR); None: the method does not sparsify
+    expected_density(gstate)    mean P(gate open); None where it does not apply
+Declared flags: batchable, prefers_sequential, uses_backbone, has_global_model, reports_train_loss,
+noise_dim (> 0: batch["noise"] holds uniform numbers of that size per step from the client's seeded
+generator, so executors agree and a resumed run redraws them).
 
-Client functions must stay batchable: no Python branches on tensor values, no .item(), no
-torch.optim objects (optimizer state lives in the local state).
+Anything a method carries across rounds lives in the global or client state (checkpointed), never on
+the method object: resume is exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
-from torch.func import grad
+from torch.func import functional_call, grad
 from torch.utils._pytree import tree_map
 
-from fedbench.engine.functional import LossFn, weighted_mean
+from fedbench.config import MethodConfig
+from fedbench.engine.functional import weighted_mean
+from fedbench.engine.protocol import ClientFns, RoundContext, RunContext, Tensors
+from fedbench.errors import ConfigError
 from fedbench.metrics.comm import Payload
 
-Tensors = dict[str, torch.Tensor]
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Run-level settings a method may require (`check_run`)."""
+
+    rounds: int
+    participation: float
+    local_epochs: int
+    local_steps: int | None
 
 
 class Method:
     name = "base"
-    batchable = True
+    Config: type[MethodConfig] = MethodConfig
+    batchable = True           # False: sequential executor only
+    prefers_sequential = False  # auto executor: sequential even where vmap would be picked
+    uses_backbone = True       # False: the method has its own model (predict) and no backbone is built
+    has_global_model = True    # False: accuracy is only meaningful per client (personal/*)
     reports_train_loss = True
-    uses_backbone = True  # False: the method has its own model (predict) and no backbone is built
-    noise_dim = 0         # > 0: uniform noise of this size per local step in batch["noise"]
-    # optional hooks the runner uses when a method defines them:
-    #   predict(global_state, x) -> outputs        a model that is not the backbone module
-    #   should_evaluate(round) -> bool             evaluate on these rounds only
-    #   round_metrics(global_state, round) -> dict extra per-round metrics
-    #   check_run(rounds, participation, local_epochs, local_steps)   run-level requirements
-    #   gated_final(global_state) -> {name: tensor}  the sparsified parameters (density, TDR)
-    #   expected_density(global_state) -> float
+    noise_dim = 0              # > 0: uniform noise of this size per local step in batch["noise"]
 
-    def __init__(self, hp: dict[str, Any], loss_fn: LossFn, lr: float, num_classes: int = 0,
-                 in_features: int = 0):
-        self.hp = hp
-        self.loss_fn = loss_fn
-        self.lr = float(lr)
-        self.num_classes = num_classes
-        self.in_features = in_features
-        self.device = torch.device("cpu")  # the run's device; set by the runner
+    def __init__(self, config: MethodConfig | None = None):
+        self.cfg = config if config is not None else self.Config(name=self.name)
 
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        """Called once per run (fresh or resumed) before anything else; may set noise_dim."""
-        self.total_rounds = total_rounds
+    # ---- run set-up -------------------------------------------------------------------------
+    def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> dict[str, Any]:
+        return {}
 
-    # ---- server side -------------------------------------------------------------------
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.device, self.model, self.task = ctx.device, ctx.model, ctx.task
+        self.loss_fn, self.lr = ctx.loss_fn, float(ctx.lr)
+        self.num_classes, self.in_features = ctx.num_classes, ctx.in_features
+        self.total_rounds = ctx.total_rounds
+
+    def check_run(self, run: RunSpec) -> None:
+        return None
+
+    # ---- server side ------------------------------------------------------------------------
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
         return {"params": params, "buffers": buffers}
 
-    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, Any]:
         return {}
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         raise NotImplementedError
 
     def uplink(self, stacked_up: dict[str, Any]) -> Payload:
         return Payload(stacked_up, stacked=True)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         raise NotImplementedError
 
-    def eval_state(self, gstate: dict[str, Any]) -> tuple[Tensors, Tensors]:
-        return gstate["params"], gstate["buffers"]
+    # ---- client side (one client; batchable) -------------------------------------------------
+    def client_fns(self, ctx: RoundContext) -> ClientFns:
+        return ClientFns(self.client_init, self.client_step, self.client_final)
 
-    # ---- client side (one client; batchable) ---------------------------------------------
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         raise NotImplementedError
 
     def client_step(self, local: dict[str, Any], down: dict[str, Any],
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         raise NotImplementedError
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         raise NotImplementedError
+
+    # ---- evaluation and reporting -------------------------------------------------------------
+    def should_evaluate(self, round_: int, due: bool) -> bool:
+        return due
+
+    def eval_state(self, gstate: dict[str, Any]) -> tuple[Tensors, Tensors]:
+        return gstate["params"], gstate["buffers"]
+
+    def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        was = self.model.training
+        self.model.eval()
+        try:
+            return functional_call(self.model, self.eval_state(gstate), (x,))
+        finally:
+            self.model.train(was)
+
+    def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                        y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        return self.eval_state(gstate)
+
+    def model_tensors(self, gstate: dict[str, Any]) -> Tensors:
+        return gstate["params"]
+
+    def gated_final(self, gstate: dict[str, Any]) -> Tensors | None:
+        return None
+
+    def expected_density(self, gstate: dict[str, Any]) -> float | None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDConfig(MethodConfig):
+    momentum: float = 0.0          # client SGD momentum (its state lives in the local state, reset each round)
+    weight_decay: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0   # > 0: FedAvgM
+
+    def __post_init__(self) -> None:
+        for key, value in (("momentum", self.momentum), ("server_momentum", self.server_momentum)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"method.{key}={value}: must be in [0, 1)")
+        if self.weight_decay < 0 or self.server_lr <= 0:
+            raise ConfigError(f"method.weight_decay={self.weight_decay}, method.server_lr={self.server_lr}: "
+                              f"weight_decay must be >= 0 and server_lr > 0")
 
 
 class LocalSGDMethod(Method):
@@ -101,70 +169,76 @@ class LocalSGDMethod(Method):
     what is broadcast, and what is uploaded.
     """
 
+    Config = LocalSGDConfig
+
     # ---- server --------------------------------------------------------------------------
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
         state: dict[str, Any] = {"params": params, "buffers": buffers}
-        if float(self.hp.get("server_momentum", 0.0)) > 0:
+        if self.cfg.server_momentum > 0:
             state["server_mom"] = tree_map(torch.zeros_like, params)
         return state
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         return Payload({"params": gstate["params"], "buffers": gstate["buffers"]})
 
     def server_apply(self, gstate: dict[str, Any], delta: Tensors) -> dict[str, Any]:
         """params += server_lr * (momentum-filtered) mean client delta (FedAvgM when momentum > 0)."""
-        slr = float(self.hp.get("server_lr", 1.0))
-        beta = float(self.hp.get("server_momentum", 0.0))
+        beta = self.cfg.server_momentum
         new = dict(gstate)
         if beta > 0:
             mom = {k: beta * gstate["server_mom"][k] + delta[k] for k in delta}
             new["server_mom"] = mom
             delta = mom
-        new["params"] = {k: gstate["params"][k] + slr * delta[k] for k in delta}
+        new["params"] = {k: gstate["params"][k] + self.cfg.server_lr * delta[k] for k in delta}
         return new
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
-        mean_params = weighted_mean(up["params"], weights)
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        mean_params = weighted_mean(up["params"], ctx.sizes)
         delta = {k: mean_params[k] - gstate["params"][k] for k in mean_params}
         new = self.server_apply(gstate, delta)
-        new["buffers"] = weighted_mean(up["buffers"], weights)
-        return new
+        new["buffers"] = weighted_mean(up["buffers"], ctx.sizes)
+        return new, {}
 
     # ---- client --------------------------------------------------------------------------
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         params = down["params"]
         local: dict[str, Any] = {
             "params": {k: v.clone() for k, v in params.items()},
             "buffers": {k: v.clone() for k, v in down["buffers"].items()},
             "steps": torch.zeros((), dtype=next(iter(params.values())).dtype, device=client_id.device),
         }
-        if float(self.hp.get("momentum", 0.0)) > 0:
+        if self.cfg.momentum > 0:
             local["mom"] = {k: torch.zeros_like(v) for k, v in params.items()}
         return local
 
     def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
         return g
 
+    def sgd(self, params: Tensors, g: Tensors, local: dict[str, Any], new: dict[str, Any],
+            mask: dict[str, Any] | None = None, mom_key: str = "mom") -> Tensors:
+        """One SGD step with the method's weight decay and momentum; entries with mask 0 stay put.
+        Writes the momentum buffer into `new` (the local state being built)."""
+        mask = mask or {}
+        if self.cfg.weight_decay > 0:
+            g = {k: g[k] + self.cfg.weight_decay * params[k] for k in g}
+        g = {k: g[k] * mask[k] if k in mask else g[k] for k in g}
+        mu = self.cfg.momentum
+        if mu > 0 and mom_key in local:
+            mom = {k: mu * local[mom_key][k] + g[k] for k in g}
+            new[mom_key] = mom
+            g = {k: mom[k] * mask[k] if k in mask else mom[k] for k in mom}
+        # one fused pass per tensor (a - lr*b would allocate twice)
+        return {k: torch.add(params[k], g[k], alpha=-self.lr) for k in params}
+
     def client_step(self, local: dict[str, Any], down: dict[str, Any],
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         params = local["params"]
         g, (loss, buffers) = grad(self.loss_fn, has_aux=True)(params, local["buffers"], batch["x"], batch["y"],
                                                                batch["w"])
-        wd = float(self.hp.get("weight_decay", 0.0))
-        if wd > 0:
-            g = {k: g[k] + wd * params[k] for k in g}
-        g = self.correct_grad(g, local, down)
         new = dict(local, buffers=buffers, steps=local["steps"] + 1)
-        mu = float(self.hp.get("momentum", 0.0))
-        if mu > 0:
-            mom = {k: mu * local["mom"][k] + g[k] for k in g}
-            new["mom"] = mom
-            g = mom
-        # one fused pass per tensor (a - lr*b would allocate twice)
-        new["params"] = {k: torch.add(params[k], g[k], alpha=-self.lr) for k in params}
+        new["params"] = self.sgd(params, self.correct_grad(g, local, down), local, new)
         return new, loss
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         return {"params": local["params"], "buffers": local["buffers"]}, {}

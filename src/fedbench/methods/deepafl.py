@@ -14,36 +14,49 @@ partition of the data, and equals the centralised solve.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fedbench.engine.protocol import ClientFns, RoundContext
 from fedbench.errors import ConfigError
-from fedbench.methods.analytic import AnalyticMethod, ridge_solve, sandwich_solve
+from fedbench.methods.analytic import AnalyticConfig, AnalyticMethod, ridge_solve, sandwich_solve
 from fedbench.metrics.comm import CACHED, Payload
 from fedbench.registry import register
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepAFLConfig(AnalyticConfig):
+    T: int = 20                    # residual blocks: 2T + 1 rounds
+    h: int = 1024                  # width of the representation Phi
+    f: int = 1024                  # width of each block's random features F
+    residual_ridge: float = 0.05   # gamma of the sandwiched least squares
+    activation: str = "gelu"       # gelu | relu | tanh | sigmoid
+    random_seed: int = 0           # shared seed of the random maps (never sent: 0 bytes)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"method.activation={self.activation}: allowed: {', '.join(ACTIVATIONS)}")
+        if self.T < 0 or self.h < 1 or self.f < 1:
+            raise ConfigError("method.T must be >= 0 and method.h, method.f >= 1")
+
+
 @register("method", "deepafl")
 class DeepAFL(AnalyticMethod):
     name = "deepafl"
+    Config = DeepAFLConfig
 
-    def __init__(self, hp: dict[str, Any], loss_fn: Any, lr: float, num_classes: int = 0, in_features: int = 0):
-        super().__init__(hp, loss_fn, lr, num_classes, in_features)
-        self.T = int(hp.get("T", 20))
-        self.h = int(hp.get("h", 1024))
-        self.f = int(hp.get("f", 1024))
-        act = str(hp.get("activation", "gelu"))
-        if act not in ACTIVATIONS:
-            raise ConfigError(f"method.activation={act}: allowed: {', '.join(ACTIVATIONS)}")
-        if self.T < 0 or self.h < 1 or self.f < 1:
-            raise ConfigError("method.T must be >= 0 and method.h, method.f >= 1")
-        self.act = ACTIVATIONS[act]
-        self.phase = ("classifier", 0)  # set by broadcast() before clients run
+    def __init__(self, config: DeepAFLConfig | None = None):
+        super().__init__(config)
+        self.T, self.h, self.f = self.cfg.T, self.cfg.h, self.cfg.f
+        self.act = ACTIVATIONS[self.cfg.activation]
 
     def required_rounds(self) -> int:
         return 2 * self.T + 1
@@ -55,7 +68,7 @@ class DeepAFL(AnalyticMethod):
 
     # ---- shared-seed random maps (never sent) -------------------------------------------
     def random_maps(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(int(self.hp.get("random_seed", 0)))
+        g = torch.Generator().manual_seed(self.cfg.random_seed)
         dt = self.stats_dtype
 
         def normal(*shape: int, fan_in: int) -> torch.Tensor:
@@ -82,9 +95,8 @@ class DeepAFL(AnalyticMethod):
         return phi
 
     # ---- server ---------------------------------------------------------------------------
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
-        kind, n = self.phase_of(round_)
-        self.phase = (kind, n)
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
+        kind, n = self.phase_of(ctx.round)
         # Omegas the clients received in earlier rounds are cached there (0 bytes now); only the
         # newest one, solved in the previous round, travels. The random maps never travel.
         omegas = dict(gstate["Omega"])
@@ -98,25 +110,21 @@ class DeepAFL(AnalyticMethod):
             tensors["W"] = gstate["W"][n]
         return Payload(tensors, encodings=enc)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
-        kind, n = self.phase_of(round_)
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        kind, n = self.phase_of(ctx.round)
         s = self.aggregate_sums(up)
         new = dict(gstate, W=dict(gstate["W"]), Omega=dict(gstate["Omega"]))
         if kind == "classifier":
-            new["W"][n] = ridge_solve(s["gram"], s["rhs"], float(self.hp.get("ridge", 1.0)))
+            new["W"][n] = ridge_solve(s["gram"], s["rhs"], self.cfg.ridge)
             new["layer"] = n
         else:
             new["Omega"][f"{n + 1}"] = sandwich_solve(s["gram_f"], s["cross"], gstate["W"][n],
-                                                      float(self.hp.get("residual_ridge", 0.05)))
-        return new
+                                                      self.cfg.residual_ridge)
+        return new, {"analytic/layer": n, "analytic/phase": kind}
 
-    def should_evaluate(self, round_: int) -> bool:
+    def should_evaluate(self, round_: int, due: bool) -> bool:
         return self.phase_of(round_)[0] == "classifier"  # a new classifier exists only after these
-
-    def round_metrics(self, gstate: dict[str, Any], round_: int) -> dict[str, Any]:
-        kind, n = self.phase_of(round_)
-        return {"analytic/layer": n, "analytic/phase": kind}
 
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         n = gstate["layer"]
@@ -128,15 +136,22 @@ class DeepAFL(AnalyticMethod):
         return out
 
     # ---- client (one client; batchable) -----------------------------------------------------
-    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_fns(self, ctx: RoundContext) -> ClientFns:
+        """The round's phase (classifier or residual round of layer n) is static: bound here."""
+        phase = self.phase_of(ctx.round)
+        return ClientFns(functools.partial(self.phase_init, phase=phase),
+                         functools.partial(self.phase_step, phase=phase), self.client_final)
+
+    def phase_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor, *,
+                   phase: tuple[str, int]) -> dict[str, Any]:
         z = torch.zeros((), dtype=self.stats_dtype, device=client_id.device)
-        if self.phase[0] == "classifier":
+        if phase[0] == "classifier":
             return {"gram": z.new_zeros(self.h, self.h), "rhs": z.new_zeros(self.h, self.num_classes), "loss": z}
         return {"gram_f": z.new_zeros(self.f, self.f), "cross": z.new_zeros(self.h, self.f), "loss": z}
 
-    def client_step(self, local: dict[str, Any], down: dict[str, Any],
-                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
-        kind, n = self.phase
+    def phase_step(self, local: dict[str, Any], down: dict[str, Any], batch: dict[str, torch.Tensor], *,
+                   phase: tuple[str, int]) -> tuple[dict[str, Any], torch.Tensor]:
+        kind, n = phase
         x, y, w = batch["x"], batch["y"], batch["w"]
         omegas = {k.split("/", 1)[1]: v for k, v in down.items() if k.startswith("omega/")}
         phi = self.features(down["maps"], omegas, x, n)

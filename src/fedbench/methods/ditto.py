@@ -1,49 +1,53 @@
 """Ditto (Li et al. 2021): a global model trained exactly as FedAvg, plus a personal model per client
 trained on the same batches with a proximal pull `lambda/2 ||v - w_global||^2` toward the broadcast
-global model. Sends what FedAvg sends; the personal models (all parameters, [N, ...]) never leave."""
+global model. Sends what FedAvg sends; the personal models (all parameters, client state
+{"personal": {name: [N, ...]}}) never leave."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch.func import grad
 
-from fedbench.methods.base import Tensors
+from fedbench.methods.base import LocalSGDConfig, Tensors
 from fedbench.methods.personal import PersonalizedMethod, per_client
 from fedbench.registry import register
 
-PERSONAL = "v:"
+
+@dataclasses.dataclass(frozen=True)
+class DittoConfig(LocalSGDConfig):
+    lam: float = 0.1   # pull of the personal model toward the global one
 
 
 @register("method", "ditto")
 class Ditto(PersonalizedMethod):
     name = "ditto"
+    Config = DittoConfig
     shared = "all"
     has_global_model = True
 
-    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
-        return {PERSONAL + k: per_client(v, n_clients) for k, v in gstate["params"].items()}
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, Any]:
+        return {"personal": {k: per_client(v, n_clients) for k, v in gstate["params"].items()}}
 
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         local = super().client_init(down, {}, client_id)
-        local["v"] = {k: cstate[PERSONAL + k].clone() for k in down["params"]}
+        local["v"] = {k: v.clone() for k, v in cstate["personal"].items()}
         return local
 
     def client_step(self, local: dict[str, Any], down: dict[str, Any],
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         new, loss = super().client_step(local, down, batch)  # the global model's FedAvg step
-        lam = float(self.hp.get("lam", 0.1))
         g_v, _ = grad(self.loss_fn, has_aux=True)(local["v"], local["buffers"], batch["x"], batch["y"], batch["w"])
-        g_v = {k: g_v[k] + lam * (local["v"][k] - down["params"][k]) for k in g_v}
+        g_v = {k: g_v[k] + self.cfg.lam * (local["v"][k] - down["params"][k]) for k in g_v}
         new["v"] = self.sgd(local["v"], g_v, local, new, {}, mom_key="mom_v")
         return new, loss
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         up, _ = super().client_final(local, down, cstate)
-        return up, {PERSONAL + k: v for k, v in local["v"].items()}
+        return up, {"personal": dict(local["v"])}
 
-    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+    def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
-        return {k: cstate[PERSONAL + k] for k in gstate["params"]}, gstate["buffers"]
+        return dict(cstate["personal"]), gstate["buffers"]

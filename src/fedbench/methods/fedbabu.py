@@ -4,29 +4,35 @@ training data before it predicts (`method.finetune_steps` full-batch steps at `m
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch.func import grad
 
-from fedbench.methods.base import Tensors
+from fedbench.methods.base import LocalSGDConfig, Tensors
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class FedBABUConfig(LocalSGDConfig):
+    finetune_steps: int = 10     # full-batch head steps before a client predicts
+    finetune_lr: float = 0.05
 
 
 @register("method", "fedbabu")
 class FedBABU(PersonalizedMethod):
     name = "fedbabu"
+    Config = FedBABUConfig
     shared = "body"
 
     def grad_mask(self, local: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {k: 0.0 for k in local["params"] if k.startswith("head.")}
 
-    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+    def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
         params, buffers = super().personal_params(gstate, cstate, x_train, y_train)
-        steps = int(self.hp.get("finetune_steps", 10))
-        lr = float(self.hp.get("finetune_lr", self.lr))
         with torch.no_grad():
             h = self.features(params, buffers, x_train)
         w = torch.ones(len(y_train), dtype=h.dtype, device=h.device)
@@ -36,7 +42,7 @@ class FedBABU(PersonalizedMethod):
             return self.weighted_ce(self.classify(hp, h), {"y": y_train, "w": w})
 
         with torch.enable_grad():
-            for _ in range(steps):
+            for _ in range(self.cfg.finetune_steps):
                 g = grad(loss)(head)
-                head = {k: head[k] - lr * g[k] for k in head}
+                head = {k: head[k] - self.cfg.finetune_lr * g[k] for k in head}
         return {**params, **head}, buffers

@@ -1,5 +1,5 @@
 """FedeCouple (arXiv 2511.09599). The full text was not available: components from the abstract,
-formulas reconstructed (every choice below is a config option, see conf/method/fedecouple.yaml).
+formulas reconstructed (every choice below is a key of FedeCoupleConfig).
 
 Server: a global extractor theta (`body.*`) and a global classifier phi_g (`head.*`). Client i keeps a
 personal classifier phi_i and class anchors A_i across rounds (stacked [N, ...] client state). One local
@@ -20,20 +20,21 @@ theta); `global` - g(f(x; theta); phi_i), no per-client extractor in memory.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad
 
+from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
-from fedbench.methods.base import Tensors
-from fedbench.methods.personal import PRIVATE, PersonalizedMethod, per_client
+from fedbench.methods.base import LocalSGDConfig, Tensors
+from fedbench.methods.personal import PersonalizedMethod, per_client
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
 PHASES = ("glf_global", "gpc", "glf_local")
-EXTRACTOR = "x:"  # client-state prefix of a client's own extractor (eval_extractor=local)
 
 
 def fair_weights(sizes: torch.Tensor, similarity: torch.Tensor, temperature: float, clip_low: float,
@@ -54,68 +55,90 @@ def fair_weights(sizes: torch.Tensor, similarity: torch.Tensor, temperature: flo
     return w
 
 
+@dataclasses.dataclass(frozen=True)
+class FedeCoupleConfig(LocalSGDConfig):
+    phase_order: tuple[str, ...] = PHASES         # any ordering / subset of the three phases
+    phase_fractions: tuple[float, ...] = (0.5, 0.2, 0.3)  # share of each client's local steps per phase
+    anchors: str = "ema"          # ema: running class means of the client's own features | seeded: shared fixed
+    anchor_momentum: float = 0.9  # ema anchors
+    anchor_seed: int = 0          # seeded anchors
+    anchor_scale: float = 1.0
+    anchor_weight: float = 1.0        # mu: anchor (center) loss in glf_global
+    anchor_weight_local: float = 0.0  # anchor loss in glf_local
+    kd_weight: float = 1.0            # kappa_0 of the GPC distillation
+    kd_schedule: str = "linear_decay"  # linear_decay: kappa_t = kappa_0 (1 - (t-1)/R) | constant
+    kd_temperature: float = 2.0
+    sim_temperature: float = 1.0  # aggregation weight ~ n_i exp(cos(delta_i, mean delta) / T)
+    clip_low: float = 0.5         # each weight held in [clip_low, clip_high] / K
+    clip_high: float = 2.0
+    eval_extractor: str = "local"  # local: client i predicts with its own extractor | global
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        order = list(self.phase_order)
+        if not order or len(set(order)) != len(order) or not set(order) <= set(PHASES):
+            raise ConfigError(f"method.phase_order={order}: a non-empty ordering of distinct phases from "
+                              f"{list(PHASES)}")
+        fr = list(self.phase_fractions)
+        if len(fr) != len(order) or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+            raise ConfigError(f"method.phase_fractions={fr}: {len(order)} non-negative shares summing to 1")
+        for key, value, allowed in (("anchors", self.anchors, ("ema", "seeded")),
+                                    ("kd_schedule", self.kd_schedule, ("linear_decay", "constant")),
+                                    ("eval_extractor", self.eval_extractor, ("local", "global"))):
+            if value not in allowed:
+                raise ConfigError(f"method.{key}={value}: allowed: {', '.join(allowed)}")
+
+
 @register("method", "fedecouple")
 class FedeCouple(PersonalizedMethod):
     name = "fedecouple"
+    Config = FedeCoupleConfig
     shared = "all"  # theta and phi_g live on the server; phi_i is extra client state
     has_global_model = True
     needs_progress = True
 
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        super().setup(params, buffers, total_rounds)
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        params = ctx.params
         self.head_keys = [k for k in params if k.startswith("head.")]
-        order = [str(p) for p in self.hp.get("phase_order", PHASES)]
-        if sorted(order) != sorted(set(order)) or not set(order) <= set(PHASES) or not order:
-            raise ConfigError(f"method.phase_order={order}: a non-empty ordering of distinct phases from "
-                              f"{list(PHASES)}")
-        fractions = [float(f) for f in self.hp.get("phase_fractions", [0.5, 0.2, 0.3])]
-        if len(fractions) != len(order) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ConfigError(f"method.phase_fractions={fractions}: {len(order)} non-negative shares summing to 1")
-        edges = torch.cumsum(torch.tensor([0.0] + fractions, dtype=torch.float64), 0).tolist()
-        self.phase_span = {p: (edges[i], edges[i + 1]) for i, p in enumerate(order)}
-        self.anchor_type = str(self.hp.get("anchors", "ema"))
-        if self.anchor_type not in ("ema", "seeded"):
-            raise ConfigError(f"method.anchors={self.anchor_type}: allowed: ema, seeded")
-        self.kd_schedule = str(self.hp.get("kd_schedule", "linear_decay"))
-        if self.kd_schedule not in ("linear_decay", "constant"):
-            raise ConfigError(f"method.kd_schedule={self.kd_schedule}: allowed: linear_decay, constant")
-        self.eval_extractor = str(self.hp.get("eval_extractor", "local"))
-        if self.eval_extractor not in ("local", "global"):
-            raise ConfigError(f"method.eval_extractor={self.eval_extractor}: allowed: local, global")
+        fractions = [0.0, *self.cfg.phase_fractions]
+        edges = torch.cumsum(torch.tensor(fractions, dtype=torch.float64), 0).tolist()
+        self.phase_span = {p: (edges[i], edges[i + 1]) for i, p in enumerate(self.cfg.phase_order)}
         self.feature_dim = int(params["head.weight"].shape[1])
         ref = params["head.weight"]
-        gen = torch.Generator().manual_seed(int(self.hp.get("anchor_seed", 0)))
+        gen = torch.Generator().manual_seed(self.cfg.anchor_seed)
         self.seeded_anchors = (torch.randn(self.num_classes, self.feature_dim, generator=gen, dtype=torch.float64)
-                               * float(self.hp.get("anchor_scale", 1.0))).to(ref.device, ref.dtype)
+                               * self.cfg.anchor_scale).to(ref.device, ref.dtype)
 
     # ---- state -----------------------------------------------------------------------------
-    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, Any]:
         p = gstate["params"]
-        state = {PRIVATE + k: per_client(p[k], n_clients) for k in self.head_keys}
         ref = p["head.weight"]
-        state["anchors"] = ref.new_zeros(n_clients, self.num_classes, self.feature_dim)
-        state["anchor_seen"] = ref.new_zeros(n_clients, self.num_classes)
-        if self.eval_extractor == "local":
+        state: dict[str, Any] = {
+            "private": {k: per_client(p[k], n_clients) for k in self.head_keys},   # personal classifier
+            "anchors": ref.new_zeros(n_clients, self.num_classes, self.feature_dim),
+            "anchor_seen": ref.new_zeros(n_clients, self.num_classes)}
+        if self.cfg.eval_extractor == "local":
             body = {**{k: v for k, v in p.items() if not k.startswith("head.")}, **gstate["buffers"]}
-            state.update({EXTRACTOR + k: per_client(v, n_clients) for k, v in body.items()})
+            state["extractor"] = {k: per_client(v, n_clients) for k, v in body.items()}
             state["x_trained"] = ref.new_zeros(n_clients)  # 0 until the client's first round
         return state
 
     def kappa(self, round_: int) -> float:
-        k0 = float(self.hp.get("kd_weight", 1.0))
-        if self.kd_schedule == "constant":
+        k0 = self.cfg.kd_weight
+        if self.cfg.kd_schedule == "constant":
             return k0
         return k0 * (1.0 - (round_ - 1) / max(self.total_rounds, 1))
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
-        payload = super().broadcast(gstate, round_)
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
+        payload = super().broadcast(gstate, ctx)
         # the distillation weight of this round travels with the model (4 bytes)
-        payload.tensors["kappa"] = gstate["params"]["head.weight"].new_tensor(self.kappa(round_))
+        payload.tensors["kappa"] = gstate["params"]["head.weight"].new_tensor(self.kappa(ctx.round))
         return payload
 
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         local = super().client_init(down, {}, client_id)
-        local["phead"] = {k: cstate[PRIVATE + k].clone() for k in self.head_keys}
+        local["phead"] = {k: cstate["private"][k].clone() for k in self.head_keys}
         local["anchors"], local["anchor_seen"] = cstate["anchors"].clone(), cstate["anchor_seen"].clone()
         return local
 
@@ -130,10 +153,11 @@ class FedeCouple(PersonalizedMethod):
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         w, y = batch["w"], batch["y"]
         ph = {p: self._in_phase(p, batch["progress"]).to(w.dtype) for p in PHASES}
-        anchors = local["anchors"] if self.anchor_type == "ema" else self.seeded_anchors
-        seen = local["anchor_seen"] if self.anchor_type == "ema" else torch.ones_like(local["anchor_seen"])
-        tau = float(self.hp.get("kd_temperature", 2.0))
-        mu, mu_local = float(self.hp.get("anchor_weight", 1.0)), float(self.hp.get("anchor_weight_local", 0.0))
+        ema = self.cfg.anchors == "ema"
+        anchors = local["anchors"] if ema else self.seeded_anchors
+        seen = local["anchor_seen"] if ema else torch.ones_like(local["anchor_seen"])
+        tau = self.cfg.kd_temperature
+        mu, mu_local = self.cfg.anchor_weight, self.cfg.anchor_weight_local
         body = {k: v for k, v in local["params"].items() if not k.startswith("head.")}
         phi_g = {k: local["params"][k] for k in self.head_keys}
         wsum = w.sum().clamp_min(1.0)
@@ -158,8 +182,8 @@ class FedeCouple(PersonalizedMethod):
         new_body = self.sgd(body, g_theta, local, new, {})
         new["phead"] = {k: local["phead"][k] - self.lr * ph["gpc"] * g_phi[k] for k in g_phi}
         new["params"] = {**new_body, **phi_g}
-        if self.anchor_type == "ema":
-            beta = float(self.hp.get("anchor_momentum", 0.9))
+        if ema:
+            beta = self.cfg.anchor_momentum
             onehot = F.one_hot(y, self.num_classes).to(h.dtype) * w.unsqueeze(-1)
             cnt = onehot.sum(0)
             present = (cnt > 0).to(h.dtype)
@@ -170,16 +194,15 @@ class FedeCouple(PersonalizedMethod):
             new["anchor_seen"] = torch.maximum(local["anchor_seen"], present)
         return new, loss
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         # uplink: theta_i and phi_i (phi_i is this client's contribution to phi_g); anchors stay
         params = {**{k: v for k, v in local["params"].items() if not k.startswith("head.")}, **local["phead"]}
         up = {"params": params, "buffers": local["buffers"]}
-        keep = {PRIVATE + k: v for k, v in local["phead"].items()}
-        keep.update(anchors=local["anchors"], anchor_seen=local["anchor_seen"])
-        if self.eval_extractor == "local":
-            keep.update({EXTRACTOR + k: v for k, v in params.items() if not k.startswith("head.")})
-            keep.update({EXTRACTOR + k: v for k, v in local["buffers"].items()})
+        keep: dict[str, Any] = {"private": dict(local["phead"]), "anchors": local["anchors"],
+                                "anchor_seen": local["anchor_seen"]}
+        if self.cfg.eval_extractor == "local":
+            keep["extractor"] = {**{k: v for k, v in params.items() if not k.startswith("head.")},
+                                 **local["buffers"]}
             keep["x_trained"] = torch.ones_like(cstate["x_trained"])
         return up, keep
 
@@ -189,26 +212,20 @@ class FedeCouple(PersonalizedMethod):
                             for k in up["params"] if not k.startswith("head.")], 1)
         mean = (sizes / sizes.sum()) @ deltas
         sim = F.cosine_similarity(deltas, mean.unsqueeze(0).expand_as(deltas), dim=1)
-        return fair_weights(sizes, sim, float(self.hp.get("sim_temperature", 1.0)),
-                            float(self.hp.get("clip_low", 0.5)), float(self.hp.get("clip_high", 2.0)))
+        return fair_weights(sizes, sim, self.cfg.sim_temperature, self.cfg.clip_low, self.cfg.clip_high)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
-        fair = self.aggregation_weights(gstate, up, weights)
-        self.last_weights = fair
-        return super().aggregate(gstate, up, fair, round_, cohort, n_clients)
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        fair = self.aggregation_weights(gstate, up, ctx.sizes)
+        k = len(fair)
+        return self.average(gstate, up, fair), {"fedecouple/weight_max": fair.max() * k,
+                                                "fedecouple/weight_min": fair.min() * k}
 
-    def round_metrics(self, gstate: dict[str, Any], round_: int) -> dict[str, Any]:
-        w = getattr(self, "last_weights", None)
-        if w is None:
-            return {}
-        return {"fedecouple/weight_max": float(w.max()) * len(w), "fedecouple/weight_min": float(w.min()) * len(w)}
-
-    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+    def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
-        params = {**gstate["params"], **{k: cstate[PRIVATE + k] for k in self.head_keys}}
+        params = {**gstate["params"], **{k: cstate["private"][k] for k in self.head_keys}}
         buffers = gstate["buffers"]
-        if self.eval_extractor == "local" and bool(cstate["x_trained"] > 0):
-            params.update({k: cstate[EXTRACTOR + k] for k in params if not k.startswith("head.")})
-            buffers = {k: cstate[EXTRACTOR + k] for k in buffers}
+        if self.cfg.eval_extractor == "local" and bool(cstate["x_trained"] > 0):
+            params.update({k: cstate["extractor"][k] for k in params if not k.startswith("head.")})
+            buffers = {k: cstate["extractor"][k] for k in buffers}
         return params, buffers

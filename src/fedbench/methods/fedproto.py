@@ -6,30 +6,37 @@ each way."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import grad
 
-from fedbench.methods.base import Tensors
+from fedbench.engine.protocol import RoundContext, RunContext
+from fedbench.errors import ConfigError
+from fedbench.methods.base import LocalSGDConfig, Tensors
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
 
+@dataclasses.dataclass(frozen=True)
+class FedProtoConfig(LocalSGDConfig):
+    lam: float = 1.0   # weight of the prototype pull
+
+
 @register("method", "fedproto")
 class FedProto(PersonalizedMethod):
     name = "fedproto"
+    Config = FedProtoConfig
     shared = "none"
 
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        super().setup(params, buffers, total_rounds)
-        self.feature_dim = int(params["head.weight"].shape[1]) if "head.weight" in params else 0
-        if self.feature_dim == 0:
-            from fedbench.errors import ConfigError
-
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        if "head.weight" not in ctx.params:
             raise ConfigError("method=fedproto needs a linear classifier head (head.weight)")
+        self.feature_dim = int(ctx.params["head.weight"].shape[1])
 
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
         ref = params["head.weight"]
@@ -37,10 +44,10 @@ class FedProto(PersonalizedMethod):
                 "protos": ref.new_zeros(self.num_classes, self.feature_dim),
                 "counts": ref.new_zeros(self.num_classes)}
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         return Payload({"protos": gstate["protos"], "counts": gstate["counts"]})
 
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         local = super().client_init(down, cstate, client_id)
         local["psum"] = torch.zeros_like(down["protos"])
         local["pcnt"] = torch.zeros_like(down["counts"])
@@ -48,7 +55,6 @@ class FedProto(PersonalizedMethod):
 
     def client_step(self, local: dict[str, Any], down: dict[str, Any],
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
-        lam = float(self.hp.get("lam", 1.0))
         w = batch["w"]
 
         def loss_fn(params: Tensors):
@@ -58,7 +64,7 @@ class FedProto(PersonalizedMethod):
             known = (down["counts"][batch["y"]] > 0).to(h.dtype) * w
             # mean squared error per feature dimension, as in the FedProto paper's MSE regulariser
             pull = (((h - target) ** 2).mean(-1) * known).sum() / w.sum().clamp_min(1.0)
-            return ce + lam * pull, (ce.detach(), h.detach(), buffers)
+            return ce + self.cfg.lam * pull, (ce.detach(), h.detach(), buffers)
 
         g, (ce, h, buffers) = grad(loss_fn, has_aux=True)(local["params"])
         new = dict(local, buffers=buffers, steps=local["steps"] + 1)
@@ -68,16 +74,14 @@ class FedProto(PersonalizedMethod):
         new["pcnt"] = local["pcnt"] + onehot.sum(0)
         return new, ce
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
-        _, private = super().client_final(local, down, cstate)
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         protos = local["psum"] / local["pcnt"].clamp_min(1.0).unsqueeze(-1)
-        return {"protos": protos, "counts": local["pcnt"]}, private
+        return {"protos": protos, "counts": local["pcnt"]}, self.private_state(local)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         counts = up["counts"].sum(0)  # [C]
         protos = (up["protos"] * up["counts"].unsqueeze(-1)).sum(0) / counts.clamp_min(1.0).unsqueeze(-1)
         seen = counts > 0  # a class nobody in this cohort holds keeps its previous prototype
         return dict(gstate, protos=torch.where(seen.unsqueeze(-1), protos, gstate["protos"]),
-                    counts=torch.where(seen, counts, gstate["counts"]))
+                    counts=torch.where(seen, counts, gstate["counts"])), {}

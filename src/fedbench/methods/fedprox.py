@@ -1,16 +1,30 @@
 """FedProx (Li et al. 2020): FedAvg with (mu/2)||w - w_global||^2 in every local step.
 Sends exactly what FedAvg sends."""
 
+from __future__ import annotations
+
+import dataclasses
 from typing import Any
 
-from fedbench.methods.base import LocalSGDMethod, Tensors
+from fedbench.errors import ConfigError
+from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
 from fedbench.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class FedProxConfig(LocalSGDConfig):
+    mu: float = 0.01   # weight of the proximal term
+
+    def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise ConfigError(f"method.mu={self.mu}: must be >= 0")
 
 
 @register("method", "fedprox")
 class FedProx(LocalSGDMethod):
     name = "fedprox"
+    Config = FedProxConfig
 
     def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
-        mu = float(self.hp.get("mu", 0.01))
+        mu = self.cfg.mu
         return {k: g[k] + mu * (local["params"][k] - down["params"][k]) for k in g}

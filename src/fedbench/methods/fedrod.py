@@ -4,7 +4,7 @@ client lacks are not pushed down) and averaged as in FedAvg; a PERSONAL head, pr
 and zero at the start, is trained with cross-entropy on the sum of the generic logits (detached) and its
 own logits on detached features. A client predicts with generic + personal logits, which for linear
 heads is one linear head with summed weights. Sends what FedAvg sends; the personal heads
-(`[N, ...]` client state) never leave."""
+(client state `personal_head`, `[N, ...]`) never leave."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from typing import Any
 import torch
 from torch.func import grad
 
+from fedbench.engine.protocol import RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.registry import register
-
-PERSONAL_HEAD = "r:"  # client-state prefix of a client's personal head
 
 
 @register("method", "fedrod")
@@ -26,27 +25,25 @@ class FedRoD(PersonalizedMethod):
     name = "fedrod"
     shared = "all"
     has_global_model = True    # the generic head: balanced, evaluated as the global model
-    needs_label_counts = True  # the experiment sets `label_counts` [N, C] (each client's training labels)
 
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        super().setup(params, buffers, total_rounds)
-        self.head_keys = [k for k in params if k.startswith("head.")]
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        self.head_keys = [k for k in ctx.params if k.startswith("head.")]
         if sorted(self.head_keys) != ["head.bias", "head.weight"]:
             raise ConfigError(f"method=fedrod needs a linear classifier head (head.weight, head.bias); "
                               f"got {self.head_keys}")
 
-    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, Any]:
         p = gstate["params"]
-        state = {PERSONAL_HEAD + k: p[k].new_zeros(n_clients, *p[k].shape) for k in self.head_keys}
-        counts = getattr(self, "label_counts", None)
+        counts = self.ctx.label_counts  # each client's class prior comes from its own training labels
         if counts is None or counts.shape != (n_clients, self.num_classes):
-            raise ConfigError("method=fedrod: the run did not provide each client's label counts")
-        state["label_counts"] = counts.to(p["head.weight"])
-        return state
+            raise ConfigError("method=fedrod needs a classification task (each client's label counts)")
+        return {"personal_head": {k: p[k].new_zeros(n_clients, *p[k].shape) for k in self.head_keys},
+                "label_counts": counts.to(p["head.weight"])}
 
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         local = super().client_init(down, {}, client_id)
-        local["phead"] = {k: cstate[PERSONAL_HEAD + k].clone() for k in self.head_keys}
+        local["phead"] = {k: v.clone() for k, v in cstate["personal_head"].items()}
         counts = cstate["label_counts"]
         # log prior; a class the client lacks gets a very negative shift instead of -inf (finite grads)
         local["log_prior"] = torch.log((counts / counts.sum().clamp_min(1.0)).clamp_min(1e-12))
@@ -68,16 +65,13 @@ class FedRoD(PersonalizedMethod):
         new["phead"] = {k: torch.add(local["phead"][k], g_p[k], alpha=-self.lr) for k in g_p}
         return new, loss
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         up, _ = super().client_final(local, down, cstate)
-        keep = {PERSONAL_HEAD + k: v for k, v in local["phead"].items()}
-        keep["label_counts"] = local["label_counts"]
-        return up, keep
+        return up, {"personal_head": dict(local["phead"]), "label_counts": local["label_counts"]}
 
-    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+    def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
         params = dict(gstate["params"])
         for k in self.head_keys:  # generic + personal logits == one linear head with summed weights
-            params[k] = params[k] + cstate[PERSONAL_HEAD + k]
+            params[k] = params[k] + cstate["personal_head"][k]
         return params, gstate["buffers"]

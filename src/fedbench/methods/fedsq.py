@@ -10,42 +10,79 @@ statistics (`bn: batch`) or the pretrained ones (`bn: frozen`).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
 import torch
 
+from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
-from fedbench.methods.base import LocalSGDMethod, Tensors
+from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod
 from fedbench.models.dualcopy import dual_forward, install_gates, make_dual_loss_fn
+from fedbench.models.warmstart import calibrate
 from fedbench.registry import register
+
+log = logging.getLogger("fedbench")
+
+
+@dataclasses.dataclass(frozen=True)
+class FedSQConfig(LocalSGDConfig):
+    gates: tuple[str, ...] = ("relu", "relu6")  # activations whose regime the structural copy fixes
+    max_pool_gating: bool = False   # true: every MaxPool2d takes the value at the structural copy's argmax
+    bn: str = "frozen"              # quantitative BatchNorm: frozen (pretrained statistics) | batch
+    calibration_epochs: int = 0     # central calibration: fine-tune k epochs before freezing the structure
+    calibration_fraction: float = 0.05  # ... on a server-held sample of this share of the pooled training data
+    calibration_lr: float = 0.01        # (reconstructed; SGD momentum 0.9)
+    calibration_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.calibration_epochs < 0:
+            raise ConfigError(f"method.calibration_epochs={self.calibration_epochs}: must be >= 0")
+        if not 0.0 < self.calibration_fraction <= 1.0:
+            raise ConfigError(f"method.calibration_fraction={self.calibration_fraction}: must be in (0, 1]")
+        bad = set(self.gates) - {"relu", "relu6"}
+        if bad:
+            raise ConfigError(f"method.gates={sorted(bad)}: allowed: relu, relu6")
+        if self.bn not in ("frozen", "batch"):
+            raise ConfigError(f"method.bn={self.bn}: allowed: frozen, batch")
 
 
 @register("method", "fedsq")
 class FedSQ(LocalSGDMethod):
     name = "fedsq"
+    Config = FedSQConfig
 
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        super().setup(params, buffers, total_rounds)
-        if int(self.hp.get("calibration_epochs", 0)) < 0:
-            raise ConfigError(f"method.calibration_epochs={self.hp.get('calibration_epochs')}: must be >= 0")
-        if not 0.0 < float(self.hp.get("calibration_fraction", 0.05)) <= 1.0:
-            raise ConfigError(f"method.calibration_fraction={self.hp.get('calibration_fraction')}: must be in (0, 1]")
-        kinds = tuple(str(k) for k in self.hp.get("gates", ["relu", "relu6"]))
-        bad = set(kinds) - {"relu", "relu6"}
-        if bad:
-            raise ConfigError(f"method.gates={sorted(bad)}: allowed: relu, relu6")
-        self.gates = install_gates(self.model, kinds, max_pool=bool(self.hp.get("max_pool_gating", False)))
+    def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> dict[str, Any]:
+        """The optional central calibration, before the structural copy is frozen. It runs again on
+        resume (deterministic on CPU), because the structural copy is taken from its result."""
+        if self.cfg.calibration_epochs == 0 or ctx.pooled_train is None:
+            return {}
+        x, y = ctx.pooled_train()
+        c = self.cfg
+        info = calibrate(model, x, y, epochs=c.calibration_epochs, fraction=c.calibration_fraction,
+                         lr=c.calibration_lr, batch_size=c.calibration_batch_size, seed=ctx.seed)
+        log.info("central calibration: %d epoch(s) on %d server-held samples", info["calibration.epochs"],
+                 info["calibration.samples"])
+        return info
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        self.gates = install_gates(self.model, self.cfg.gates, max_pool=self.cfg.max_pool_gating)
         if not self.gates:
-            raise ConfigError(f"method=fedsq: the backbone has no {' / '.join(kinds)} activations to gate")
-        bn = str(self.hp.get("bn", "frozen"))
-        if bn not in ("frozen", "batch"):
-            raise ConfigError(f"method.bn={bn}: allowed: frozen, batch")
-        if bn == "frozen":
+            raise ConfigError(f"method=fedsq: the backbone has no {' / '.join(self.cfg.gates)} activations to gate")
+        if self.cfg.bn == "frozen":
             self.model.eval()  # quantitative BatchNorm keeps the pretrained statistics
         # the structural copy: the parameters the run starts from (the warm start), frozen
-        self.struct = ({k: v.detach().clone() for k, v in params.items()},
-                       {k: v.detach().clone() for k, v in buffers.items()})
+        self.struct = ({k: v.detach().clone() for k, v in ctx.params.items()},
+                       {k: v.detach().clone() for k, v in ctx.buffers.items()})
         self.loss_fn = make_dual_loss_fn(self.model, self.gates, *self.struct, self.task)
+
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        new, _ = super().aggregate(gstate, up, ctx)
+        return new, {"fedsq/n_gates": len(self.gates)}
 
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         was = self.model.training
@@ -54,6 +91,3 @@ class FedSQ(LocalSGDMethod):
             return dual_forward(self.model, self.gates, self.struct, (gstate["params"], gstate["buffers"]), x)
         finally:
             self.model.train(was)
-
-    def round_metrics(self, gstate: dict[str, Any], round_: int) -> dict[str, Any]:
-        return {"fedsq/n_gates": len(self.gates)}

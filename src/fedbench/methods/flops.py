@@ -1,6 +1,6 @@
 """FLoPS and FLoPS-PA (arXiv 2512.23071): federated learning under an L0 density constraint with
 hard-concrete gates. The full text was not available; the schedule details are reconstructed and all
-of them are config options (see conf/method/flops.yaml).
+of them are config options (GatedConfig / FLoPSConfig below).
 
 theta = theta_tilde * z on the gated parameters, z ~ HardConcrete(log_alpha). The server holds
 (theta_tilde, log_alpha, lambda) and minimises E_z[loss] + lambda * c(log_alpha) with
@@ -16,6 +16,7 @@ deterministic gates stay open.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -23,7 +24,9 @@ from typing import Any
 import torch
 from torch.func import grad
 
+from fedbench.config import MethodConfig
 from fedbench.engine.functional import weighted_mean
+from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Method, Tensors
 from fedbench.metrics.comm import SPARSE_GROUP, Payload
@@ -55,31 +58,74 @@ def select_gated(params: Tensors, rule: str) -> list[str]:
     return names
 
 
-def check_density(hp: dict[str, Any], total_rounds: int) -> float:
-    rho = hp.get("target_density")
-    if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not 0 < rho <= 1:
-        raise ConfigError(f"method.target_density={rho}: must be in (0, 1]")
-    start = hp.get("prune_start")
-    if start is not None and (not isinstance(start, int) or start < 0 or start > total_rounds):
-        raise ConfigError(f"method.prune_start={start}: must be an integer in [0, rounds={total_rounds}]")
-    return float(rho)
+def check_prune_start(prune_start: int | None, total_rounds: int) -> None:
+    if prune_start is not None and not 0 <= prune_start <= total_rounds:
+        raise ConfigError(f"method.prune_start={prune_start}: must be an integer in [0, rounds={total_rounds}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig(MethodConfig):
+    target_density: float = 0.05   # rho: the final model keeps floor(rho * D) of the D gated entries
+    prune_start: int | None = None  # round from which the server scales the gates apart (null: never)
+    gated: str = "weights"          # weights (tensors with >= 2 dims; biases not gated) | all | a regex on names
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_density <= 1:
+            raise ConfigError(f"method.target_density={self.target_density}: must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedConfig(SparsityConfig):
+    """Shared by FLoPS and FLoPS-PA. The schedule details are RECONSTRUCTED (see the README)."""
+
+    rho_init: float = 0.95           # dense start: sigmoid(log_alpha) = rho_init
+    log_alpha_init_std: float = 0.01
+    log_alpha_max: float = 10.0      # |log_alpha| clamp; 10 allows P(z != 0) down to 2e-4
+    eta_phi: float = 0.05            # server step on log_alpha (FLoPS-PA: of the penalty)
+    eta_lambda: float | None = 0.1   # dual step on the mean constraint (null: 1/D)
+    penalty: str = "sum"             # sum: per-gate L0 gradient | mean: of the mean constraint (/D)
+    scale_factor: float = 0.5        # gate scaling step after prune_start ...
+    decay: float = 1.0               # ... times decay^(round - prune_start)
+    project: str = "final"           # exact m open gates: final (last round) | always | never
+    rank_by: str = "saliency"        # saliency: P(z != 0) * |theta_tilde| | log_alpha
+    project_margin: float = 0.5
+    gate_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, value, allowed in (("penalty", self.penalty, ("sum", "mean")),
+                                    ("project", self.project, ("final", "always", "never")),
+                                    ("rank_by", self.rank_by, ("saliency", "log_alpha"))):
+            if value not in allowed:
+                raise ConfigError(f"method.{key}={value}: allowed: {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FLoPSConfig(GatedConfig):
+    eta_theta: float = 0.05   # server step on theta_tilde
+    lr_decay: float = 1.0     # multiply eta_theta and eta_phi by this every round
+
+
+@dataclasses.dataclass(frozen=True)
+class FLoPSPAConfig(GatedConfig):
+    eta_phi_local: float = 0.05   # client step on log_alpha
 
 
 class GatedMethod(Method):
     """Shared state and server logic of FLoPS and FLoPS-PA."""
 
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        super().setup(params, buffers, total_rounds)
-        self.rho = check_density(self.hp, total_rounds)
-        self.layout = GateLayout.build(params, select_gated(params, str(self.hp.get("gated", "weights"))))
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        check_prune_start(self.cfg.prune_start, ctx.total_rounds)
+        self.rho = self.cfg.target_density
+        self.layout = GateLayout.build(ctx.params, select_gated(ctx.params, self.cfg.gated))
         self.noise_dim = self.layout.size  # one uniform draw per gate per step (not per sample)
         self.m = max(1, math.floor(self.rho * self.layout.size))
-        self.la_max = float(self.hp.get("log_alpha_max", 10.0))
+        self.la_max = self.cfg.log_alpha_max
 
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
-        g = torch.Generator().manual_seed(int(self.hp.get("gate_seed", 0)))
-        la = init_log_alpha(self.layout.size, float(self.hp.get("rho_init", 0.95)),
-                            float(self.hp.get("log_alpha_init_std", 0.01)), g,
+        g = torch.Generator().manual_seed(self.cfg.gate_seed)
+        la = init_log_alpha(self.layout.size, self.cfg.rho_init, self.cfg.log_alpha_init_std, g,
                             next(iter(params.values())).dtype).to(self.device)
         zero = torch.zeros((), dtype=la.dtype, device=la.device)
         return {"params": params, "buffers": buffers, "la": la, "lam": zero, "constraint": zero}
@@ -101,8 +147,8 @@ class GatedMethod(Method):
     def expected_density(self, gstate: dict[str, Any]) -> float:
         return float(prob_nonzero(gstate["la"]).mean())
 
-    def round_metrics(self, gstate: dict[str, Any], round_: int) -> dict[str, Any]:
-        return {"flops/lambda": float(gstate["lam"]), "flops/constraint": float(gstate["constraint"])}
+    def server_metrics(self, gstate: dict[str, Any]) -> dict[str, Any]:
+        return {"flops/lambda": gstate["lam"], "flops/constraint": gstate["constraint"]}
 
     # ---- server: dual ascent with restart, gate scaling --------------------------------------
     def constraint(self, la: torch.Tensor) -> torch.Tensor:
@@ -113,12 +159,12 @@ class GatedMethod(Method):
         P(z != 0) (tiny per gate when D is large); `penalty=sum` (default) is the per-gate L0 surrogate
         gradient, i.e. the Lagrangian on sum_j P_j - rho D with lambda rescaled by D (reconstructed)."""
         p = prob_nonzero(la)
-        scale = 1.0 / la.numel() if str(self.hp.get("penalty", "sum")) == "mean" else 1.0
+        scale = 1.0 / la.numel() if self.cfg.penalty == "mean" else 1.0
         return p * (1 - p) * scale
 
     def dual_update(self, lam: torch.Tensor, la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.constraint(la)
-        eta = float(self.hp.get("eta_lambda") or 1.0 / la.numel())
+        eta = self.cfg.eta_lambda or 1.0 / la.numel()
         lam = torch.clamp(lam + eta * c, min=0.0)
         lam = torch.where(c <= 0, torch.zeros_like(lam), lam)  # dual restart once the constraint holds
         return lam, c
@@ -126,7 +172,7 @@ class GatedMethod(Method):
     def ranking_score(self, la: torch.Tensor, params: Tensors) -> torch.Tensor:
         """`rank_by=log_alpha`: the gate parameter itself. `saliency` (default): P(z != 0) * |theta_tilde|,
         which still ranks sensibly when the gates have not separated yet (large models early on)."""
-        if str(self.hp.get("rank_by", "saliency")) == "log_alpha":
+        if self.cfg.rank_by == "log_alpha":
             return la
         return prob_nonzero(la) * self.layout.flatten(params).abs()
 
@@ -135,31 +181,32 @@ class GatedMethod(Method):
         decay^(round - prune_start) each round (a gradual separation), and project so that exactly m
         deterministic gates are open: in the last round (`project=final`, default), every round
         (`always`) or never. Reconstructed rule; all of it is config."""
-        start = self.hp.get("prune_start")
-        if start is None or round_ < int(start):
+        start = self.cfg.prune_start
+        if start is None or round_ < start:
             return la
-        step = float(self.hp.get("scale_factor", 1.0)) * float(self.hp.get("decay", 1.0)) ** (round_ - int(start))
+        step = self.cfg.scale_factor * self.cfg.decay ** (round_ - start)
         top = torch.zeros_like(la, dtype=torch.bool)
         top[torch.topk(self.ranking_score(la, params), self.m).indices] = True
         la = torch.where(top, la + step, la - step)
-        project = str(self.hp.get("project", "final"))
+        project = self.cfg.project
         if project == "always" or (project == "final" and round_ == self.total_rounds):
-            margin = float(self.hp.get("project_margin", 0.5))
+            margin = self.cfg.project_margin
             la = torch.where(top, la.clamp(min=CLOSED + margin), la.clamp(max=CLOSED - margin))
         return la.clamp(-self.la_max, self.la_max)
 
     def lr_at(self, base: float, round_: int) -> float:
-        return base * float(self.hp.get("lr_decay", 1.0)) ** (round_ - 1)
+        return base * self.cfg.lr_decay ** (round_ - 1)
 
 
 @register("method", "flops")
 class FLoPS(GatedMethod):
     name = "flops"
+    Config = FLoPSConfig
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         return Payload({"params": gstate["params"], "buffers": gstate["buffers"], "la": gstate["la"]})
 
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         dtype = down["la"].dtype
         return {"g_theta": {k: torch.zeros_like(v) for k, v in down["params"].items()},
                 "g_la": torch.zeros_like(down["la"]), "steps": torch.zeros((), dtype=dtype, device=client_id.device)}
@@ -175,32 +222,34 @@ class FLoPS(GatedMethod):
                "steps": local["steps"] + 1}
         return new, loss
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         n = local["steps"].clamp_min(1.0)  # FedSGD: the mean gradient of the client's minibatch(es)
         return {"g_theta": {k: v / n for k, v in local["g_theta"].items()}, "g_la": local["g_la"] / n}, {}
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
-        g = weighted_mean(up, weights)
-        eta_theta = self.lr_at(float(self.hp.get("eta_theta", 0.05)), round_)
-        eta_phi = self.lr_at(float(self.hp.get("eta_phi", 0.05)), round_)
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        round_ = ctx.round
+        g = weighted_mean(up, ctx.sizes)
+        eta_theta = self.lr_at(self.cfg.eta_theta, round_)
+        eta_phi = self.lr_at(self.cfg.eta_phi, round_)
         params = {k: v - eta_theta * g["g_theta"][k] for k, v in gstate["params"].items()}
         la = gstate["la"] - eta_phi * (g["g_la"] + gstate["lam"] * self.constraint_grad(gstate["la"]))
         la = la.clamp(-self.la_max, self.la_max)
         lam, _ = self.dual_update(gstate["lam"], la)
         la = self.scale_gates(la, params, round_)
-        return dict(gstate, params=params, la=la, lam=lam, constraint=self.constraint(la))
+        new = dict(gstate, params=params, la=la, lam=lam, constraint=self.constraint(la))
+        return new, self.server_metrics(new)
 
 
 @register("method", "flops_pa")
 class FLoPSPA(GatedMethod):
     name = "flops_pa"
+    Config = FLoPSPAConfig
 
     def active(self, la: torch.Tensor) -> torch.Tensor:
         return deterministic_gate(la) > 0
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         mask = self.active(gstate["la"])
         gated = self.layout.flatten(gstate["params"])
         ungated = {k: v for k, v in gstate["params"].items() if k not in self.layout.names}
@@ -217,7 +266,7 @@ class FLoPSPA(GatedMethod):
         la = torch.where(act["mask"], act["la"], torch.full_like(act["la"], -self.la_max))
         return params, la
 
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         params, la = self._unpack(down)
         return {"params": params, "la": la}
 
@@ -234,13 +283,12 @@ class FLoPSPA(GatedMethod):
         mask = down["active"]["mask"]
         g_gated = self.layout.split(torch.where(mask, self.layout.flatten(g_p), 0.0))
         g_p = {k: g_gated.get(k, g_p[k]) for k in g_p}  # inactive coordinates stay where they are
-        eta_phi = float(self.hp.get("eta_phi_local", self.hp.get("eta_phi", 0.05)))
+        eta_phi = self.cfg.eta_phi_local
         params = {k: torch.add(local["params"][k], g_p[k], alpha=-self.lr) for k in g_p}
         la = local["la"] - eta_phi * torch.where(mask, g_la, 0.0)
         return {"params": params, "la": la}, loss
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         mask = down["active"]["mask"]
         up = {"active": {"mask": mask, "theta": torch.where(mask, self.layout.flatten(local["params"]), 0.0),
                          "la": torch.where(mask, local["la"], 0.0)},
@@ -250,19 +298,20 @@ class FLoPSPA(GatedMethod):
     def uplink(self, stacked_up: dict[str, Any]) -> Payload:
         return Payload(stacked_up, encodings={"active": SPARSE_GROUP}, stacked=True)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         mask = self.active(gstate["la"])
         avg = weighted_mean({"theta": up["active"]["theta"], "la": up["active"]["la"], "ungated": up["ungated"]},
-                            weights)
+                            ctx.sizes)
         gated = torch.where(mask, avg["theta"], self.layout.flatten(gstate["params"]))
         params = dict(gstate["params"])
         params.update(avg["ungated"])
         params.update(self.layout.split(gated))
         la = torch.where(mask, avg["la"], gstate["la"])
         # the dual variable and the gate scaling stay on the server
-        la = la - float(self.hp.get("eta_phi", 0.05)) * gstate["lam"] * self.constraint_grad(la)
+        la = la - self.cfg.eta_phi * gstate["lam"] * self.constraint_grad(la)
         la = la.clamp(-self.la_max, self.la_max)
         lam, _ = self.dual_update(gstate["lam"], la)
-        la = self.scale_gates(la, params, round_)
-        return dict(gstate, params=params, la=la, lam=lam, constraint=self.constraint(la))
+        la = self.scale_gates(la, params, ctx.round)
+        new = dict(gstate, params=params, la=la, lam=lam, constraint=self.constraint(la))
+        return new, self.server_metrics(new)

@@ -1,7 +1,7 @@
 """Shared machinery of the personalized methods: a model split into a feature extractor (`body.*`) and a
 classifier (`head.*`), some parameters shared (sent both ways and averaged), the rest private to each
 client and kept across rounds as stacked tensors `[N, ...]` in the client state (never objects, never a
-model copy per client).
+model copy per client): `{"private": {name: [N, ...]}, "private_buffers": {name: [N, ...]}}`.
 
 Subclasses pick `shared` ("all" | "body" | "head" | "none"), a per-parameter gradient mask for
 multi-phase local training (`grad_mask`), and optionally their own local loss.
@@ -15,12 +15,10 @@ import torch
 from torch.func import functional_call, grad
 
 from fedbench.engine.functional import per_sample_loss, weighted_mean
+from fedbench.engine.protocol import ClientFns, RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import LocalSGDMethod, Tensors
 from fedbench.metrics.comm import Payload
-
-PRIVATE = "p:"  # client-state prefix of a private parameter
-PRIVATE_BUFFER = "pb:"  # ... of a private buffer (BatchNorm statistics of a body that is not shared)
 
 
 def per_client(v: torch.Tensor, n_clients: int) -> torch.Tensor:
@@ -39,15 +37,16 @@ class PersonalizedMethod(LocalSGDMethod):
     needs_progress = False    # True: batches carry `progress` (step / the client's steps) for phases
 
     # ---- set-up ----------------------------------------------------------------------------
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        super().setup(params, buffers, total_rounds)
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        params = ctx.params
         if not any(k.startswith("body.") for k in params) or not any(k.startswith("head.") for k in params):
             raise ConfigError(f"method={self.name} needs a backbone split into body and head (a feature "
                               f"extractor and a classifier: mlp, cnn, lenet5, resnet18, ...; logreg is a "
                               f"classifier only); got parameters {sorted(params)[:3]}")
         self.shared_keys = [k for k in params if self.is_shared(k)]
         self.private_keys = [k for k in params if not self.is_shared(k)]
-        self.init_buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self.init_buffers = {k: v.detach().clone() for k, v in ctx.buffers.items()}
 
     def is_shared(self, name: str) -> bool:
         return self.shared == "all" or (self.shared != "none" and name.startswith(self.shared + "."))
@@ -57,12 +56,16 @@ class PersonalizedMethod(LocalSGDMethod):
         """Buffers (BatchNorm statistics, in the body) stay with the client when the body is not shared."""
         return self.shared in ("none", "head")
 
-    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, torch.Tensor]:
+    def init_client_states(self, gstate: dict[str, Any], n_clients: int) -> dict[str, Any]:
         # every client's private part starts from the same initial (or warm-start) values
-        state = {PRIVATE + k: per_client(gstate["params"][k], n_clients) for k in self.private_keys}
+        state: dict[str, Any] = {"private": {k: per_client(gstate["params"][k], n_clients)
+                                             for k in self.private_keys}}
         if self.private_buffers:
-            state.update({PRIVATE_BUFFER + k: per_client(v, n_clients) for k, v in gstate["buffers"].items()})
+            state["private_buffers"] = {k: per_client(v, n_clients) for k, v in gstate["buffers"].items()}
         return state
+
+    def client_fns(self, ctx: RoundContext) -> ClientFns:
+        return ClientFns(self.client_init, self.client_step, self.client_final, self.needs_progress)
 
     # ---- model pieces ----------------------------------------------------------------------
     def features(self, params: Tensors, buffers: Tensors, x: torch.Tensor) -> torch.Tensor:
@@ -84,14 +87,18 @@ class PersonalizedMethod(LocalSGDMethod):
         return (per_sample_loss(logits, batch["y"], self.task).to(w.dtype) * w).sum() / w.sum().clamp_min(1.0)
 
     # ---- server ----------------------------------------------------------------------------
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         if self.shared == "none":
             return Payload({})
         return Payload({"params": {k: gstate["params"][k] for k in self.shared_keys},
                         "buffers": gstate["buffers"] if self.shared in ("all", "body") else {}})
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.average(gstate, up, ctx.sizes), {}
+
+    def average(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor) -> dict[str, Any]:
+        """The shared parameters (and buffers, when the body is shared) averaged with `weights`."""
         if self.shared == "none":
             return gstate
         mean = weighted_mean(up["params"], weights)
@@ -102,17 +109,17 @@ class PersonalizedMethod(LocalSGDMethod):
         return new
 
     # ---- client ----------------------------------------------------------------------------
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
-        ref = next(iter(cstate.values())) if cstate else next(iter(down["params"].values()))
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
+        ref = next(iter(down["params"].values())) if down.get("params") else next(iter(cstate["private"].values()))
         params = {k: v.clone() for k, v in down.get("params", {}).items()}
-        params.update({k: cstate[PRIVATE + k].clone() for k in self.private_keys})
+        params.update({k: cstate["private"][k].clone() for k in self.private_keys})
         if self.private_buffers:
-            buffers = {k: cstate[PRIVATE_BUFFER + k] for k in self.init_buffers}
+            buffers = cstate["private_buffers"]
         else:
             buffers = down.get("buffers") or self.init_buffers
         local: dict[str, Any] = {"params": params, "buffers": {k: v.clone() for k, v in buffers.items()},
                                  "steps": torch.zeros((), dtype=ref.dtype, device=ref.device)}
-        if float(self.hp.get("momentum", 0.0)) > 0:
+        if self.cfg.momentum > 0:
             local["mom"] = {k: torch.zeros_like(v) for k, v in params.items()}
         return local
 
@@ -126,20 +133,6 @@ class PersonalizedMethod(LocalSGDMethod):
         """Per-parameter multiplier of the gradient (0: frozen in this phase). Default: all trained."""
         return {}
 
-    def sgd(self, params: Tensors, g: Tensors, local: dict[str, Any], new: dict[str, Any],
-            mask: dict[str, Any], mom_key: str = "mom") -> Tensors:
-        """One SGD step with the method's weight decay and momentum; masked entries stay put."""
-        wd = float(self.hp.get("weight_decay", 0.0))
-        if wd > 0:
-            g = {k: g[k] + wd * params[k] for k in g}
-        g = {k: g[k] * mask[k] if k in mask else g[k] for k in g}
-        mu = float(self.hp.get("momentum", 0.0))
-        if mu > 0 and mom_key in local:
-            mom = {k: mu * local[mom_key][k] + g[k] for k in g}
-            new[mom_key] = mom
-            g = {k: mom[k] * mask[k] if k in mask else mom[k] for k in mom}
-        return {k: torch.add(params[k], g[k], alpha=-self.lr) for k in params}
-
     def client_step(self, local: dict[str, Any], down: dict[str, Any],
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         g, (loss, buffers) = grad(self.local_loss, has_aux=True)(local["params"], local, down, batch)
@@ -147,22 +140,24 @@ class PersonalizedMethod(LocalSGDMethod):
         new["params"] = self.sgd(local["params"], g, local, new, self.grad_mask(local, batch))
         return new, loss
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def private_state(self, local: dict[str, Any]) -> dict[str, Any]:
+        keep: dict[str, Any] = {"private": {k: local["params"][k] for k in self.private_keys}}
+        if self.private_buffers:
+            keep["private_buffers"] = dict(local["buffers"])
+        return keep
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         up = {} if self.shared == "none" else {
             "params": {k: local["params"][k] for k in self.shared_keys},
             "buffers": local["buffers"] if self.shared in ("all", "body") else {}}
-        keep = {PRIVATE + k: local["params"][k] for k in self.private_keys}
-        if self.private_buffers:
-            keep.update({PRIVATE_BUFFER + k: v for k, v in local["buffers"].items()})
-        return up, keep
+        return up, self.private_state(local)
 
     # ---- evaluation ------------------------------------------------------------------------
-    def personal_params(self, gstate: dict[str, Any], cstate: Tensors, x_train: torch.Tensor,
+    def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
         """The model client `cstate` predicts with: shared part from the server, private part its own."""
         params = dict(gstate["params"])
-        params.update({k: cstate[PRIVATE + k] for k in self.private_keys})
+        params.update({k: cstate["private"][k] for k in self.private_keys})
         if self.private_buffers:
-            return params, {k: cstate[PRIVATE_BUFFER + k] for k in gstate["buffers"]}
+            return params, dict(cstate["private_buffers"])
         return params, gstate["buffers"]

@@ -8,24 +8,36 @@ parameter) so that densities are comparable:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
-from fedbench.methods.base import LocalSGDMethod, Tensors
-from fedbench.methods.flops import check_density, select_gated
+from fedbench.engine.protocol import RoundContext, RunContext
+from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
+from fedbench.methods.flops import SparsityConfig, check_prune_start, select_gated
 from fedbench.metrics.comm import SPARSE, Payload
 from fedbench.metrics.sparsity import top_m_mask
 from fedbench.registry import register
 
 
+@dataclasses.dataclass(frozen=True)
+class TopMConfig(LocalSGDConfig, SparsityConfig):
+    def __post_init__(self) -> None:
+        LocalSGDConfig.__post_init__(self)
+        SparsityConfig.__post_init__(self)
+
+
 class TopMMethod(LocalSGDMethod):
-    def setup(self, params: Tensors, buffers: Tensors, total_rounds: int) -> None:
-        super().setup(params, buffers, total_rounds)
-        self.rho = check_density(self.hp, total_rounds)
-        self.gated = select_gated(params, str(self.hp.get("gated", "weights")))
-        self.m = max(1, math.floor(self.rho * sum(params[n].numel() for n in self.gated)))
+    Config = TopMConfig
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        check_prune_start(self.cfg.prune_start, ctx.total_rounds)
+        self.rho = self.cfg.target_density
+        self.gated = select_gated(ctx.params, self.cfg.gated)
+        self.m = max(1, math.floor(self.rho * sum(ctx.params[n].numel() for n in self.gated)))
 
     def threshold(self, params: Tensors) -> Tensors:
         gated = {n: params[n] for n in self.gated}
@@ -41,32 +53,29 @@ class TopMMethod(LocalSGDMethod):
 class FedHT(TopMMethod):
     name = "fedht"
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
-        new = super().aggregate(gstate, up, weights, round_, cohort, n_clients)
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        new, metrics = super().aggregate(gstate, up, ctx)
         new["params"] = self.threshold(new["params"])
-        return new
+        return new, metrics
 
-    def broadcast(self, gstate: dict[str, Any], round_: int) -> Payload:
+    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         # after round 1 the global model is m-sparse: its gated tensors travel as sparse payloads
         gated = {n: gstate["params"][n] for n in self.gated}
         dense = {k: v for k, v in gstate["params"].items() if k not in gated}
         return Payload({"params": dense, "gated": gated, "buffers": gstate["buffers"]}, encodings={"gated": SPARSE})
 
-    def client_init(self, down: dict[str, Any], cstate: Tensors, client_id: torch.Tensor) -> dict[str, Any]:
+    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         return super().client_init({"params": {**down["params"], **down["gated"]}, "buffers": down["buffers"]},
                                    cstate, client_id)
 
-    def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
-        return g
 
 
 @register("method", "fediterht")
 class FedIterHT(FedHT):
     name = "fediterht"
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any],
-                     cstate: Tensors) -> tuple[dict[str, Any], Tensors]:
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         params = self.threshold(local["params"])
         gated = {n: params[n] for n in self.gated}
         return {"params": {k: v for k, v in params.items() if k not in gated}, "gated": gated,
@@ -75,10 +84,10 @@ class FedIterHT(FedHT):
     def uplink(self, stacked_up: dict[str, Any]) -> Payload:
         return Payload(stacked_up, encodings={"gated": SPARSE}, stacked=True)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         merged = {"params": {**up["params"], **up["gated"]}, "buffers": up["buffers"]}
-        return super().aggregate(gstate, merged, weights, round_, cohort, n_clients)
+        return super().aggregate(gstate, merged, ctx)
 
 
 @register("method", "fedavg_prune")
@@ -87,9 +96,9 @@ class FedAvgPrune(TopMMethod):
 
     name = "fedavg_prune"
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any], weights: torch.Tensor, round_: int,
-                  cohort: torch.Tensor, n_clients: int) -> dict[str, Any]:
-        new = super().aggregate(gstate, up, weights, round_, cohort, n_clients)
-        if round_ == self.total_rounds:
+    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
+                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        new, metrics = super().aggregate(gstate, up, ctx)
+        if ctx.round == self.total_rounds:
             new["params"] = self.threshold(new["params"])
-        return new
+        return new, metrics

@@ -52,23 +52,21 @@ def train_central(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
                 opt.step()
 
 
-def calibrate(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, hp: dict[str, Any],
-              seed: int) -> dict[str, Any]:
-    """FedSQ's optional central calibration: fine-tune the (warm-started) model for
-    `calibration_epochs` on a server-held sample of `calibration_fraction` of the pooled training data
-    before the structural copy is frozen. Returns its provenance (`calibration.*`)."""
-    epochs, fraction = int(hp.get("calibration_epochs", 0)), float(hp.get("calibration_fraction", 0.05))
+def calibrate(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, epochs: int, fraction: float,
+              lr: float, batch_size: int, seed: int) -> dict[str, Any]:
+    """FedSQ's optional central calibration: fine-tune the (warm-started) model for `epochs` on a
+    server-held sample of `fraction` of the pooled training data before the structural copy is frozen.
+    Returns its provenance (`calibration.*`)."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"method.calibration_fraction={fraction}: must be in (0, 1]")
     n = max(1, round(fraction * len(y_train)))
     g = torch.Generator().manual_seed(seed + 7919)  # its own stream: does not shift the run's other draws
     idx = torch.randperm(len(y_train), generator=g)[:n].to(y_train.device)
     was = model.training
-    train_central(model, x_train[idx], y_train[idx], epochs, float(hp.get("calibration_lr", 0.01)),
-                  int(hp.get("calibration_batch_size", 32)), seed)
+    train_central(model, x_train[idx], y_train[idx], epochs, lr, batch_size, seed)
     model.train(was)
     return {"calibration.epochs": epochs, "calibration.samples": n, "calibration.fraction": fraction,
-            "calibration.lr": float(hp.get("calibration_lr", 0.01))}
+            "calibration.lr": lr}
 
 
 def pretrain(backbone_cfg: Any, ws: Any, input_shape: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], dict]:

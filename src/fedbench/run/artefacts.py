@@ -1,0 +1,46 @@
+"""Artefacts of a run next to its metrics: partition.json and the clients x classes heatmap."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fedbench.data.partitions import Partition
+from fedbench.tracking.files import write_json
+
+log = logging.getLogger("fedbench")
+
+
+def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_classes: int,
+                    stats: dict[str, float], cfg: DictConfig) -> None:
+    counts = part.class_counts(labels, num_classes)
+    write_json(run_dir / "partition.json", {
+        "partition": OmegaConf.to_container(cfg.partition, resolve=True),
+        "clients": part.num_clients,
+        "class_counts": counts.tolist(),
+        "train_sizes": part.sizes().tolist(),
+        "val_sizes": [len(v) for v in part.val],
+        "test_sizes": [len(t) for t in part.test],
+        "stats": stats,
+    })
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(min(2 + 0.35 * num_classes, 12), min(2 + 0.12 * part.num_clients, 14)))
+        im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("class")
+        ax.set_ylabel("client")
+        ax.set_title(f"{cfg.partition.name} samples per client and class\n"
+                     f"(mean label entropy {stats['label_entropy_mean']:.2f} nats)")
+        fig.colorbar(im, ax=ax, label="samples")
+        fig.tight_layout()
+        fig.savefig(run_dir / "partition.png", dpi=80)
+        plt.close(fig)
+    except Exception as e:  # noqa: BLE001 - a plot must never stop a run
+        log.warning("partition heatmap not written: %s", e)

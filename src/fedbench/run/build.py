@@ -1,0 +1,221 @@
+"""Config -> Run: data, partition, client view, model, method, executor and the fresh or restored state.
+
+Each step is one function; `build_run` strings them together in order. Nothing here knows a method by
+name: what a method needs from the run reaches it through `RunContext` in `setup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
+from fedbench.data.partitions import Partition, make_partition, partition_stats
+from fedbench.engine.executors import Executor, pick_executor
+from fedbench.engine.functional import make_loss_fn, split_state
+from fedbench.engine.protocol import RoundContext, RunContext
+from fedbench.methods.base import Method, RunSpec
+from fedbench.metrics.tracker import BestTracker
+from fedbench.models.backbones import build_model
+from fedbench.models.features import extract_features
+from fedbench.models.warmstart import apply_warm_start, pretrain
+from fedbench.registry import lookup
+from fedbench.run.artefacts import write_partition
+from fedbench.run.state import RunState, fingerprint
+from fedbench.run.validation import DTYPES, method_config, resolve_device
+from fedbench.tracking.files import write_json
+
+log = logging.getLogger("fedbench")
+
+
+@dataclass
+class Run:
+    """Everything a run is made of; the loop and the callbacks read it, only `state` changes."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    dataset: Any
+    part: Partition
+    part_stats: dict[str, float]
+    view: ClientView
+    sizes: torch.Tensor            # [N] training-set size of every client
+    model: torch.nn.Module | None
+    method: Method
+    state: RunState
+    provenance: dict[str, Any]     # warm start / calibration / frozen features: summary and W&B config
+    n_params: int
+    executor: Executor | None = None
+    sweep_group: str | None = None
+
+    @property
+    def rounds(self) -> int:
+        return int(self.cfg.rounds)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    @property
+    def has_local_splits(self) -> bool:
+        """Per-client evaluation applies: a classifier backbone and clients with their own val/test splits."""
+        return (self.dataset.task == "classification" and self.model is not None
+                and (any(len(t) for t in self.part.test) or any(len(v) for v in self.part.val)))
+
+    def prepare_round(self, r: int) -> tuple[RoundContext, BatchSchedule]:
+        """The round's cohort and batch schedule, drawn from (seed, round, client) only."""
+        cfg, seed = self.cfg, int(self.cfg.seed)
+        cohort_np = sample_cohort(seed, r, self.view.num_clients, float(cfg.participation))
+        sched = make_schedule(self.view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
+                              cfg.local_steps, self.dtype, self.device, self.method.noise_dim)
+        cohort = torch.as_tensor(cohort_np, device=self.device)
+        return RoundContext(r, cohort, self.sizes[cohort], self.view.num_clients, self.rounds), sched
+
+    def wandb_config(self) -> dict[str, Any]:
+        out = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        out.update({f"partition_stats.{k}": v for k, v in self.part_stats.items()})
+        out.update({"run.executor": self.executor.name, "run.n_params": self.n_params, "run.device": str(self.device),
+                    "run.fingerprint": self.fingerprint})
+        out.update(self.provenance)
+        return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Partition, dict]:
+    """The dataset on the run's device, its partition (written to run_dir), and the partition's statistics.
+    Label-skew partitions of a regression task skew the target: 10 quantile bins of y."""
+    dataset = lookup("dataset", str(cfg.dataset.name))(cfg.dataset)
+    labels = dataset.y_train.numpy()
+    if dataset.task == "regression":
+        edges = np.quantile(labels, np.linspace(0, 1, 11)[1:-1])
+        part_labels, n_classes = np.searchsorted(edges, labels).astype(np.int64), 10
+    else:
+        part_labels, n_classes = labels, dataset.num_classes
+    seed = int(cfg.seed) if cfg.partition.get("seed") is None else int(cfg.partition.seed)
+    part = make_partition(part_labels, int(cfg.clients), cfg.partition, seed)
+    stats = partition_stats(part, part_labels, n_classes)
+    write_partition(run_dir, part, part_labels, n_classes, stats, cfg)
+    log.info("partition: %s", ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
+    return dataset.to(device, dtype), part, stats
+
+
+def label_counts(y: torch.Tensor, part: Partition, num_classes: int) -> torch.Tensor:
+    """[N, C] training label counts per client, in one bincount."""
+    sizes = [len(p) for p in part.train]
+    client = np.repeat(np.arange(len(sizes)), sizes)
+    labels = y.cpu().numpy()[np.concatenate(part.train)] if sum(sizes) else np.zeros(0, np.int64)
+    flat = np.bincount(client * num_classes + labels, minlength=len(sizes) * num_classes)
+    return torch.as_tensor(flat.reshape(len(sizes), num_classes), device=y.device)
+
+
+def run_context(cfg: DictConfig, dataset: Any, part: Partition, device: torch.device) -> RunContext:
+    """What the run tells every method, before any model exists."""
+    def pooled_train() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(np.concatenate(part.train), device=device)
+        return dataset.x_train[idx], dataset.y_train[idx]
+
+    counts = label_counts(dataset.y_train, part, dataset.num_classes) if dataset.task == "classification" else None
+    return RunContext(device=device, task=dataset.task, num_classes=dataset.num_classes,
+                      in_features=math.prod(dataset.input_shape), total_rounds=int(cfg.rounds), lr=float(cfg.lr),
+                      seed=int(cfg.seed), label_counts=counts, pooled_train=pooled_train)
+
+
+def warm_start(cfg: DictConfig, model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Load the body of a backbone pretrained centrally on `warm_start.source` (cached); its provenance."""
+    if cfg.get("warm_start") is None or not cfg.warm_start.get("source"):
+        return {}
+    state, provenance = pretrain(cfg.backbone, cfg.warm_start, input_shape)
+    n_loaded = apply_warm_start(model, state)
+    log.info("warm start from %s (%d tensors)", provenance["warm_start.checkpoint"], n_loaded)
+    return {**provenance, "warm_start.tensors_loaded": n_loaded}
+
+
+def build_method(cfg: DictConfig, dataset: Any, ctx: RunContext,
+                 dtype: torch.dtype) -> tuple[Method, torch.nn.Module | None, dict[str, Any], RunContext]:
+    """The method, set up with its context, and the backbone when it uses one (warm-started, then
+    prepared by the method). Returns (method, model, provenance, the context the method received)."""
+    method_cls, method_cfg = method_config(cfg)
+    method = method_cls(method_cfg)
+    torch.manual_seed(ctx.seed)
+    model, provenance = None, {}
+    if method.uses_backbone:
+        model = build_model(cfg.backbone, dataset.input_shape, dataset.num_classes).to(device=ctx.device, dtype=dtype)
+        model.train()
+        provenance = warm_start(cfg, model, dataset.input_shape)
+        provenance.update(method.prepare_model(model, dataclasses.replace(ctx, model=model)))
+        params, buffers = split_state(model)
+        autocast = torch.bfloat16 if str(cfg.hardware.dtype) == "bfloat16" else None
+        ctx = dataclasses.replace(ctx, model=model, loss_fn=make_loss_fn(model, dataset.task, autocast),
+                                  params=params, buffers=buffers)
+    method.setup(ctx)
+    method.check_run(RunSpec(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs), cfg.local_steps))
+    return method, model, provenance, ctx
+
+
+def initial_state(cfg: DictConfig, method: Method, ctx: RunContext, n_clients: int,
+                  checkpoint: dict[str, Any] | None) -> RunState:
+    target = cfg.metrics.get("target")
+    if checkpoint is not None:
+        return RunState.from_checkpoint(checkpoint, target)
+    gstate = method.init_global(ctx.params, ctx.buffers)
+    return RunState(gstate=gstate, cstates=method.init_client_states(gstate, n_clients),
+                    best=BestTracker(target=target), best_personal=BestTracker(target=target))
+
+
+def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = None,
+              sweep_group: str | None = None) -> Run:
+    device = resolve_device(str(cfg.hardware.device))
+    if cfg.hardware.threads:
+        torch.set_num_threads(int(cfg.hardware.threads))
+    # bf16 runs as autocast over float32 master weights
+    dtype = torch.float64 if DTYPES[str(cfg.hardware.dtype)] == torch.float64 else torch.float32
+    dataset, part, stats = load_data(cfg, run_dir, device, dtype)
+    feature_info = extract_features(cfg, dataset, int(cfg.seed))
+    view = ClientView.build(dataset.x_train, dataset.y_train, part.train)
+    ctx = run_context(cfg, dataset, part, device)
+    method, model, provenance, ctx = build_method(cfg, dataset, ctx, dtype)
+    if provenance:
+        write_json(run_dir / "warm_start.json", provenance)
+    provenance.update({f"features_info.{k}": v for k, v in (feature_info or {}).items()})
+    run = Run(cfg, run_dir, device, dtype, fingerprint(cfg), dataset, part, stats, view,
+              torch.as_tensor(view.sizes(), dtype=dtype, device=device), model, method,
+              initial_state(cfg, method, ctx, view.num_clients, checkpoint), provenance,
+              sum(p.numel() for p in ctx.params.values()), sweep_group=sweep_group)
+    run.executor = choose_executor(run)
+    return run
+
+
+def choose_executor(run: Run) -> Executor:
+    """The configured executor; `auto` may time one throw-away round of each (hardware.auto_policy=timed)."""
+    from fedbench.run.loop import run_round
+
+    hw, state = run.cfg.hardware, run.state
+
+    def trial(executor: Executor) -> None:
+        ctx, sched = run.prepare_round(state.round + 1)
+        run_round(run.method, executor, state.gstate, state.cstates, ctx, run.view, sched)
+
+    executor, why = pick_executor(str(hw.executor), run.method, run.model, run.device, hw.chunk_size,
+                                  bool(hw.get("compile", False)), str(hw.get("auto_policy", "heuristic")), trial)
+    log.info("executor: %s (%s)", executor.name, why)
+    return executor

@@ -1,0 +1,68 @@
+"""The callback protocol, and the callbacks that guard a run: divergence, checkpoint and preemption.
+
+    on_start(run, state)               before the first round (fresh or resumed)
+    after_round(run, state, row) -> stop?   after every round; may add metrics to `row`; True stops the loop
+    on_end(run, state, summary)        always, also after an error (the summary says the status)
+
+Callbacks run in list order, so evaluation comes before the sinks that write its metrics. Adding
+TensorBoard or early stopping is one new callback.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from fedbench.errors import DivergedError, Preempted
+from fedbench.run.state import save_checkpoint
+
+if TYPE_CHECKING:
+    from fedbench.run.build import Run
+    from fedbench.run.state import RunState
+
+
+class Callback:
+    def on_start(self, run: Run, state: RunState) -> None:
+        return None
+
+    def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
+        return False
+
+    def on_end(self, run: Run, state: RunState, summary: dict[str, Any]) -> None:
+        return None
+
+
+class StopFlag:
+    """Set (e.g. by a signal handler) to stop at the end of the current round with a checkpoint."""
+
+    requested = False
+
+
+class DivergenceCallback(Callback):
+    """A non-finite training loss stops the run (after the sinks kept the round's metrics)."""
+
+    def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
+        loss = row.get("train/loss", 0.0)
+        if not math.isfinite(loss):
+            raise DivergedError(f"round {state.round}: training loss is {loss}; lower lr (now {run.cfg.lr}). "
+                                f"Metrics up to round {state.round} are in {run.run_dir / 'metrics.jsonl'}")
+        return False
+
+
+class CheckpointCallback(Callback):
+    """checkpoint.pt every `checkpoint_every` rounds and at the end; on a stop request (SIGTERM) or
+    `stop_after` it writes one and raises Preempted, so the same command resumes exactly."""
+
+    def __init__(self, every: int, stop_after: int | None = None):
+        self.every, self.stop_after = every, stop_after
+
+    def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
+        r, last = state.round, run.rounds
+        if r == last:
+            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=True))
+        elif StopFlag.requested or (self.stop_after is not None and r >= self.stop_after):
+            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=False))
+            raise Preempted(f"stopped after round {r}; checkpoint in {run.ckpt_path}")
+        elif r % self.every == 0:
+            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=False))
+        return False

@@ -1,0 +1,106 @@
+"""The round loop, on one screen. ONE `run_round` serves the loop, the timed `auto` executor and the
+benchmark; everything around the FL core (evaluation, sinks, checkpoints, divergence) is a callback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedbench.data.clients import BatchSchedule, ClientView
+from fedbench.engine.functional import tree_index
+from fedbench.engine.protocol import RoundContext
+from fedbench.errors import DivergedError, Preempted
+from fedbench.metrics.comm import payload_bytes
+
+if TYPE_CHECKING:
+    from fedbench.engine.executors import Executor
+    from fedbench.methods.base import Method
+    from fedbench.run.build import Run
+    from fedbench.run.callbacks import Callback
+    from fedbench.run.state import RunState
+
+
+@dataclass
+class RoundOutput:
+    gstate: dict[str, Any]          # the server state after aggregation
+    client_states: dict[str, Any]   # the cohort's new client states, stacked [K, ...]
+    loss: torch.Tensor              # [K] mean local training loss per client
+    samples: int                    # training samples processed
+    bytes_up: int
+    bytes_down: int
+    metrics: dict[str, Any]         # the method's own per-round metrics (from aggregate)
+
+
+def run_round(method: Method, executor: Executor, gstate: dict[str, Any], cstates: dict[str, Any],
+              ctx: RoundContext, view: ClientView, sched: BatchSchedule) -> RoundOutput:
+    """broadcast -> clients (executor) -> aggregate; bytes counted from the real payloads."""
+    down = method.broadcast(gstate, ctx)
+    res = executor.run(method.client_fns(ctx), down.tensors, tree_index(cstates, ctx.cohort), ctx.cohort, view,
+                       sched)
+    new_gstate, metrics = method.aggregate(gstate, res.uplink, ctx)
+    return RoundOutput(new_gstate, res.client_states, res.loss, res.samples,
+                       payload_bytes(method.uplink(res.uplink)), payload_bytes(down) * len(ctx.cohort), metrics)
+
+
+def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    """Rounds state.round + 1 .. R; returns the summary. A callback returning True stops the loop."""
+    from fedbench.run.summary import summarise
+
+    state, status = run.state, "completed"
+    for cb in callbacks:
+        cb.on_start(run, state)
+    try:
+        for r in range(state.round + 1, run.rounds + 1):
+            t0 = time.perf_counter()
+            ctx, sched = run.prepare_round(r)
+            out = run_round(run.method, run.executor, state.gstate, state.cstates, ctx, run.view, sched)
+            synchronize(run.device)  # the round's time includes the device's work
+            seconds = time.perf_counter() - t0
+            state = state.advance(r, ctx.cohort, out.gstate, out.client_states, out.bytes_up, out.bytes_down,
+                                  out.samples, seconds)
+            row = round_row(run, state, out, seconds)
+            if any([cb.after_round(run, state, row) for cb in callbacks]):
+                break
+    except BaseException as e:
+        status = status_of(e)
+        raise
+    finally:
+        summary = summarise(run, state, status)
+        for cb in callbacks:
+            cb.on_end(run, state, summary)
+    return summary
+
+
+def round_row(run: Run, state: RunState, out: RoundOutput, seconds: float) -> dict[str, Any]:
+    """The round's metrics before evaluation: participants, bytes, loss, the method's own, time."""
+    t = state.totals
+    row: dict[str, Any] = {
+        "round": state.round, "clients/participants": len(out.loss),
+        "comm/bytes_up": out.bytes_up, "comm/bytes_down": out.bytes_down,
+        "comm/bytes_up_total": t["bytes_up"], "comm/bytes_down_total": t["bytes_down"],
+        "comm/bytes_total": t["bytes_up"] + t["bytes_down"],
+    }
+    if run.method.reports_train_loss:
+        row["train/loss"] = float(out.loss.mean())  # the round's one host sync for the loss
+    row.update({k: float(v) if isinstance(v, torch.Tensor) else v for k, v in out.metrics.items()})
+    row["time/round_s"] = seconds
+    row["time/total_s"] = t["time_s"]
+    row["throughput/samples_per_s"] = out.samples / seconds if seconds > 0 else None
+    return row
+
+
+def status_of(e: BaseException) -> str:
+    if isinstance(e, DivergedError):
+        return "diverged"
+    if isinstance(e, Preempted):
+        return "preempted"
+    return "interrupted"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

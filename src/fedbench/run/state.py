@@ -1,0 +1,93 @@
+"""What a run carries from round to round (RunState), and its checkpoint on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedbench.engine.functional import tree_assign
+from fedbench.metrics.tracker import BestTracker
+from fedbench.tracking.files import write_json
+
+# keys that do not change what a run computes (ignored when matching a checkpoint to a config)
+_NON_SEMANTIC = ("resume", "logger", "progress", "output_root", "checkpoint_every")
+
+
+@dataclass
+class RunState:
+    """Everything that changes as rounds go by; a checkpoint is exactly this."""
+
+    round: int = 0                                  # rounds done
+    gstate: dict[str, Any] = field(default_factory=dict)   # the server's state (method-defined tree)
+    cstates: dict[str, Any] = field(default_factory=dict)  # per-client state, every leaf stacked [N, ...]
+    totals: dict[str, Any] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "samples": 0,
+                                                            "time_s": 0.0})
+    best: BestTracker = field(default_factory=BestTracker)           # on global validation
+    best_personal: BestTracker = field(default_factory=BestTracker)  # on personal/* (clients' own splits)
+    last_eval: dict[str, Any] = field(default_factory=dict)          # the last evaluated round's row
+    wandb_id: str | None = None
+
+    def advance(self, round_: int, cohort: torch.Tensor, gstate: dict[str, Any], client_states: dict[str, Any],
+                bytes_up: int, bytes_down: int, samples: int, seconds: float) -> RunState:
+        """The state after round `round_`: the new server state, the cohort's client states, totals."""
+        tree_assign(self.cstates, cohort, client_states)
+        self.round, self.gstate = round_, gstate
+        t = self.totals
+        t["bytes_up"] += bytes_up
+        t["bytes_down"] += bytes_down
+        t["samples"] += samples
+        t["time_s"] += seconds
+        t["rounds_done"] = round_
+        return self
+
+    def to_checkpoint(self, fp: str, finished: bool) -> dict[str, Any]:
+        return {"round": self.round, "gstate": self.gstate, "cstates": self.cstates,
+                "tracker": self.best.state_dict(), "ptracker": self.best_personal.state_dict(),
+                "totals": self.totals, "fingerprint": fp, "wandb_id": self.wandb_id, "finished": finished,
+                "last_eval": self.last_eval}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], target: float | None) -> RunState:
+        state = cls(round=int(ckpt["round"]), gstate=ckpt["gstate"], cstates=ckpt["cstates"],
+                    totals=dict(ckpt["totals"]), last_eval=dict(ckpt.get("last_eval", {})),
+                    wandb_id=ckpt.get("wandb_id"))
+        state.best, state.best_personal = BestTracker(target=target), BestTracker(target=target)
+        state.best.load_state_dict(ckpt["tracker"])
+        state.best_personal.load_state_dict(ckpt.get("ptracker", {}))
+        return state
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for k in _NON_SEMANTIC:
+        data.pop(k, None)
+    data.get("hardware", {}).pop("threads", None)
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+    write_json(path.with_name("run_state.json"), {k: ckpt[k] for k in ("round", "fingerprint", "finished")})
+
+
+def find_resumable(root: Path, fp: str, exclude: Path) -> Path | None:
+    """The newest unfinished run dir under `root` whose checkpoint was written by the same config."""
+    best: tuple[float, Path] | None = None
+    for state_file in root.glob("**/run_state.json"):
+        try:
+            st = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if st.get("fingerprint") == fp and not st.get("finished") and state_file.parent != exclude:
+            mtime = state_file.stat().st_mtime
+            if best is None or mtime > best[0]:
+                best = (mtime, state_file.parent)
+    return best[1] if best else None

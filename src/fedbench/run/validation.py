@@ -1,0 +1,76 @@
+"""Checks of run-level values before any work: each failure is one line naming the key and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedbench.config import MethodConfig, build_config
+from fedbench.errors import ConfigError
+from fedbench.registry import lookup
+from fedbench.tracking.wandb_logger import MODES
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+EXECUTORS = ("sequential", "batched", "auto")
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    v = OmegaConf.select(cfg, key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ConfigError(f"{key}={v}: must be an integer >= {minimum}")
+
+
+def method_config(cfg: DictConfig) -> tuple[Any, MethodConfig]:
+    """(method class, its typed config) from `cfg.method`; unknown keys and wrong types are one line."""
+    method_cls = lookup("method", str(cfg.method.name))
+    values = OmegaConf.to_container(cfg.method, resolve=True)
+    return method_cls, build_config(method_cls.Config, values)
+
+
+def validate(cfg: DictConfig, check_device: bool = True) -> None:
+    """Check values before any work; each failure is one line naming the key and what is allowed.
+    `check_device=False` leaves the device to the job (a SLURM sweep is launched from a login node
+    that may have no GPU)."""
+    for kind in ("method", "backbone", "dataset", "partition"):
+        lookup(kind, str(cfg[kind].name))
+    method_config(cfg)
+    for key in ("rounds", "clients", "batch_size", "local_epochs", "eval_every", "checkpoint_every"):
+        _positive_int(cfg, key)
+    if cfg.local_steps is not None:
+        _positive_int(cfg, "local_steps")
+    p = cfg.participation
+    if not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise ConfigError(f"participation={p}: must be a fraction in (0, 1]")
+    if not isinstance(cfg.lr, (int, float)) or not cfg.lr > 0:
+        raise ConfigError(f"lr={cfg.lr}: must be > 0")
+    if cfg.partition.name == "dirichlet":
+        a = cfg.partition.alpha
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
+            raise ConfigError(f"partition.alpha={a}: must be a float > 0 (small alpha = more label skew)")
+    if str(cfg.hardware.dtype) not in DTYPES:
+        raise ConfigError(f"hardware.dtype={cfg.hardware.dtype}: allowed: {', '.join(DTYPES)}")
+    if str(cfg.hardware.get("auto_policy", "heuristic")) not in ("heuristic", "timed"):
+        raise ConfigError(f"hardware.auto_policy={cfg.hardware.auto_policy}: allowed: heuristic, timed")
+    if str(cfg.hardware.executor) not in EXECUTORS:
+        raise ConfigError(f"hardware.executor={cfg.hardware.executor}: allowed: {', '.join(EXECUTORS)}")
+    if str(cfg.logger.wandb.mode) not in MODES:
+        raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode}: allowed: {', '.join(MODES)}")
+    if cfg.resume not in (True, False, "auto"):
+        raise ConfigError(f"resume={cfg.resume}: allowed: auto, true, false")
+    if check_device:
+        resolve_device(str(cfg.hardware.device))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"hardware.device={name}: CUDA is not available on this machine; "
+                              f"use hardware=cpu or hardware=auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"hardware.device={name}: allowed: auto, cpu, cuda, cuda:N")
