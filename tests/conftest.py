@@ -16,6 +16,12 @@ TINY = ["dataset=digits", "backbone=logreg", "clients=10", "rounds=2", "particip
         "batch_size=16", "logger=local", "progress=false", "hardware=cpu", "checkpoint_every=1"]
 
 
+PLUGINS = Path(__file__).parent / "plugins"
+# the test-only plugin methods (tests/plugins): environment + the override that finds their YAML
+PLUGIN_ENV = {"PYTHONPATH": str(PLUGINS), "FEDBENCH_PLUGINS": "fedbench_test_methods"}
+PLUGIN_CONF = f"hydra.searchpath=[file://{PLUGINS / 'conf'}]"
+
+
 def compose_cfg(overrides: list[str]):
     with initialize_config_module(config_module="fedbench.conf", version_base="1.3"):
         return compose(config_name="config", overrides=overrides)

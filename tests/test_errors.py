@@ -28,6 +28,29 @@ def test_bad_overrides(tmp_path, args, fragments):
     assert_one_line_error(run_cli(TINY + args, tmp_path), *fragments)
 
 
+# every input a new user tried that used to end in a traceback, run silently, or blame another key
+@pytest.mark.parametrize("args,fragments", [
+    (["seed=abc"], ["seed=abc", "integer"]),
+    (["hardware.threads=-2"], ["hardware.threads=-2", ">= 1"]),
+    (["partition=shards", "partition.shards_per_client=0"], ["partition.shards_per_client=0"]),
+    (["backbone=resnet18_imagenet", "backbone.weights=/nonexistent.pt"], ["backbone.weights=/nonexistent.pt"]),
+    (["backbone=resnet18", "dataset=synthetic_linear"], ["backbone=resnet18", "dataset=synthetic_linear", "logreg"]),
+    (["+roudns=3"], ["+roudns", "unknown top-level key", "rounds"]),
+    (["method=fedprox", "method.mu=-1"], ["method.mu=-1"]),
+    (["method=fedprox", "method.muu=1"], ["method.muu: unknown key", "mu"]),
+    (["method=fedprox", "method.mu=abc"], ["method.mu='abc'", "number"]),
+    (["metrics.target=2"], ["metrics.target=2", "(0, 1]"]),
+    (["lr=inf"], ["lr=inf", "finite"]),
+    (["dataset.val_fraction=1.5"], ["dataset.val_fraction=1.5", "[0, 1)"]),
+    (["features.extractor=foo"], ["features.extractor='foo' is unknown", "cnn"]),
+    (["warm_start.source=foo"], ["warm_start.source='foo' is unknown", "digits"]),
+])
+def test_bad_inputs_are_one_line_and_exit_2(tmp_path, args, fragments):
+    proc = run_cli(TINY + args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert_one_line_error(proc, *fragments)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda(tmp_path):
     assert_one_line_error(run_cli(TINY + ["hardware=cuda"], tmp_path), "hardware.device=cuda", "CUDA is not available")
@@ -50,8 +73,8 @@ def test_divergence_exits_3_and_keeps_the_rows_but_a_sweep_goes_on(tmp_path):
     assert_one_line_error(proc, "training loss is", "lower lr")
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["status"] == "diverged"
     assert (tmp_path / "one" / "metrics.jsonl").read_text().strip()
-    # in a multirun the diverged job is a result: the other job still runs, the sweep exits 0
+    # in a multirun the diverged job is recorded, the other job still runs, and the sweep says so (exit 1)
     proc = run_cli(["--multirun"] + unstable + ["lr=10,0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1 and "1 completed, 1 diverged" in proc.stderr, proc.stderr[-2000:]
     status = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())["status"] for i in (0, 1)]
     assert status == ["diverged", "completed"]

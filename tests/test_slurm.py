@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg, read_jsonl, run_cli
+from conftest import PLUGIN_CONF, PLUGIN_ENV, TINY, compose_cfg, read_jsonl, run_cli
 from fedbench.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +91,27 @@ def test_requeued_job_resumes_and_matches_uninterrupted(tmp_path):
     a = torch.load(sweep / "0" / "checkpoint.pt", weights_only=False)["gstate"]["params"]
     b = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)["gstate"]["params"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_invalid_combination_submits_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["--multirun", *TINY, "partition.alpha=0,0.5", "seed=0,1", *SLURM, f"hydra.sweep.dir={sweep}"],
+                   tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fedbench: error:")]
+    assert len(errors) == 1 and "partition.alpha=0" in errors[0], proc.stderr
+    assert not (sweep / ".submitit").exists()  # nothing went to sbatch
+
+
+def test_a_failing_job_does_not_hang_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["--multirun", *TINY, "rounds=3", "method=failing", "method.fail_seed=2", "seed=0,1,2,3",
+                    PLUGIN_CONF, *SLURM, f"hydra.sweep.dir={sweep}"], tmp_path, PLUGIN_ENV, timeout=900)
+    returned = time.time()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert [summaries[str(i)]["status"] for i in range(4)] == ["completed", "completed", "failed", "completed"]
+    assert "planned failure at round 2" in summaries["2"]["reason"]
+    last_job_end = max(p.stat().st_mtime for p in sweep.glob("*/summary.json"))
+    assert returned - last_job_end < 60, returned - last_job_end  # no waiting on accounting that is not there
+    assert "3 completed, 1 failed" in proc.stderr

@@ -16,6 +16,8 @@ GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger")
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 4
+EXIT_SWEEP_FAILED = 1
+PREFLIGHT_JOBS: dict[str, int] = {}  # how many jobs the pre-flight expanded the sweep into
 
 
 def install_stop_handler() -> None:
@@ -116,6 +118,21 @@ def _composition_error(e: Exception, job: list[str]) -> str:
     return f"{text} {cause}".strip()
 
 
+def unknown_added_key(job: list[str], cfg: object) -> str | None:
+    """A top-level key added with `+` that no part of fedbench reads (e.g. a typo such as +roudns=3)."""
+    from hydra import compose
+
+    added = [o.lstrip("+").split("=", 1)[0] for o in job if o.startswith("+") and not o.startswith("++")]
+    top = [k for k in added if "." not in k and "/" not in k]
+    if not top:
+        return None
+    known = set(compose("config", overrides=[o for o in job if not o.startswith("+")]))
+    for key in top:
+        if key not in known:
+            return f"+{key}: unknown top-level key (nothing reads it); allowed: {', '.join(sorted(known))}"
+    return None
+
+
 def preflight(argv: list[str]) -> str | None:
     """Compose and validate every job's config before Hydra starts anything (a multirun is expanded the
     way Hydra's basic sweeper does it), so a bad key or value stops the command with one line and no
@@ -138,11 +155,16 @@ def preflight(argv: list[str]) -> str | None:
 
         parsed = OverridesParser.create().parse_overrides(overrides)
         jobs = [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        PREFLIGHT_JOBS["n"] = len(jobs)
     with initialize_config_module(config_module="fedbench.conf", version_base="1.3"):
         for job in jobs:
             where = f" (in the job {' '.join(job)})" if multirun else ""
             try:
-                validate(compose("config", overrides=job), check_device=False)
+                cfg = compose("config", overrides=job)
+                validate(cfg, check_device=False)
+                unknown = unknown_added_key(job, cfg)
+                if unknown:
+                    return f"{unknown}{where}"
             except ConfigError as e:
                 return f"{e}{where}"
             except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf composition errors
@@ -157,8 +179,12 @@ def _fail(msg: str, code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from fedbench.errors import ConfigError, DivergedError, Preempted
+    """One job. In a sweep a job never exits the process or raises: it records how it ended in its
+    summary.json (status + reason) and returns, so the launcher (SLURM included) always gets a result."""
+    from fedbench.errors import ConfigError, DivergedError, Preempted, RunDirBusy
     from fedbench.experiment import format_summary, run_experiment
+    from fedbench.run.loop import one_line
+    from fedbench.sweep import record_failure
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -169,25 +195,42 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     share_cores_with_parallel_jobs(cfg, hc)
     try:
         summary = run_experiment(cfg, run_dir, sweep_group=sweep_group)
-    except ConfigError as e:
-        _fail(str(e), EXIT_CONFIG)
-    except DivergedError as e:
-        if sweep_group is not None:  # one diverged run is a result of the sweep, not a reason to stop it
-            print(f"fedbench: warning: {e} (status 'diverged' in summary.json; the sweep goes on)", file=sys.stderr)
-            return None
-        _fail(str(e), EXIT_DIVERGED)
-    except Preempted as e:
+    except Preempted as e:  # a requeued job continues from the checkpoint: not a result yet
         _fail(f"preempted: {e}; rerun the same command (resume=auto) to continue", EXIT_PREEMPTED)
+    except RunDirBusy as e:  # the dir belongs to another run: touch nothing in it
+        if sweep_group is None:
+            _fail(str(e), EXIT_CONFIG)
+        print(f"fedbench: job {hc.job.num}: {e}", file=sys.stderr)
+        return None
+    except Exception as e:
+        status = "diverged" if isinstance(e, DivergedError) else "failed"
+        if sweep_group is None and not isinstance(e, (ConfigError, DivergedError)):
+            raise  # a bug in a single run: the traceback helps
+        record_failure(run_dir, status, str(e) if isinstance(e, (ConfigError, DivergedError)) else one_line(e))
+        if sweep_group is None:
+            _fail(str(e), EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED)
+        print(f"fedbench: job {hc.job.num} {status}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return None
     print(format_summary(summary))
     return summary.get("best/val_acc")
 
 
 def main() -> None:
     logging.getLogger("fedbench").setLevel(logging.INFO)
-    msg = check_group_overrides(sys.argv[1:]) or preflight(sys.argv[1:])
+    argv = sys.argv[1:]
+    msg = check_group_overrides(argv) or preflight(argv)
     if msg:
         _fail(msg, EXIT_CONFIG)
     _hydra_main()
+    if any(a in ("-m", "--multirun") for a in argv):
+        from fedbench.sweep import SweepAccount, account
+
+        if SweepAccount.sweep_dir is not None:
+            text, ok = account(SweepAccount.sweep_dir, PREFLIGHT_JOBS.get("n"))
+            print(text, file=sys.stderr)
+            if not ok:
+                sys.exit(EXIT_SWEEP_FAILED)
 
 
 if __name__ == "__main__":

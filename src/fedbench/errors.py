@@ -11,3 +11,7 @@ class DivergedError(RuntimeError):
 
 class Preempted(RuntimeError):
     """The run stopped at a round boundary after writing its checkpoint; rerun to continue."""
+
+
+class RunDirBusy(ConfigError):
+    """Another fedbench process holds the run dir; nothing in it may be touched."""

@@ -3,21 +3,23 @@ with the standard callbacks. Knows nothing of Hydra beyond receiving a DictConfi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from fedbench.errors import ConfigError, DivergedError, Preempted
 from fedbench.run.build import build_run
 from fedbench.run.callbacks import Callback, CheckpointCallback, DivergenceCallback, StopFlag
 from fedbench.run.evaluation import EvaluationCallback, evaluate_personal
+from fedbench.run.lock import run_dir_lock
 from fedbench.run.loop import run_rounds
 from fedbench.run.sinks import FilesCallback, ProgressCallback, WandbCallback
-from fedbench.run.state import find_resumable, fingerprint
+from fedbench.run.state import find_resumable, fingerprint, load_checkpoint, previous_path
 from fedbench.run.summary import format_summary
 from fedbench.run.validation import resolve_device, validate
 
@@ -43,9 +45,9 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any]
             log.info("resume=true: continuing the unfinished run in %s", found)
             (run_dir / "RESUMED_IN.txt").write_text(f"{found}\n")
             run_dir, ckpt_path = found, found / "checkpoint.pt"
-    if cfg.resume not in (True, "auto") or not ckpt_path.exists():
+    if cfg.resume not in (True, "auto") or not (ckpt_path.exists() or previous_path(ckpt_path).exists()):
         return run_dir, None, None
-    checkpoint = torch.load(ckpt_path, map_location=resolve_device(str(cfg.hardware.device)), weights_only=False)
+    checkpoint = load_checkpoint(ckpt_path, resolve_device(str(cfg.hardware.device)))
     if checkpoint["fingerprint"] != fp:
         raise ConfigError(f"resume: {ckpt_path} was written by a different config; use resume=false "
                           f"or another run dir")
@@ -62,11 +64,15 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
 
     `stop_after=k` stops after round k as a preemption would (checkpoint, then `Preempted`);
     `callbacks` replaces the default list (evaluation, progress, files, W&B, divergence, checkpoint)."""
+    started = time.perf_counter()
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir, checkpoint, finished = resolve_resume(cfg, run_dir)
-    if finished is not None:
-        return finished
-    run = build_run(cfg, run_dir, checkpoint, sweep_group)
-    return run_rounds(run, callbacks if callbacks is not None else default_callbacks(cfg, stop_after))
+    with run_dir_lock(run_dir):
+        target, checkpoint, finished = resolve_resume(cfg, run_dir)
+        if finished is not None:
+            return finished
+        with run_dir_lock(target) if target != run_dir else contextlib.nullcontext():
+            run = build_run(cfg, target, checkpoint, sweep_group)
+            run.created = started
+            return run_rounds(run, callbacks if callbacks is not None else default_callbacks(cfg, stop_after))

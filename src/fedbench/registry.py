@@ -58,10 +58,11 @@ def table(kind: str) -> dict[str, Any]:
     return dict(_TABLES.get(kind, {}))
 
 
-def lookup(kind: str, name: str) -> Any:
+def lookup(kind: str, name: str, key: str | None = None) -> Any:
+    """The builder of `kind=name`; an unknown name is one line naming `key` (default: the kind)."""
     known = table(kind)
     if name not in known:
-        raise ConfigError(f"{kind}={name!r} is unknown; allowed: {', '.join(sorted(known))}")
+        raise ConfigError(f"{key or kind}={name!r} is unknown; allowed: {', '.join(sorted(known))}")
     return known[name]
 
 

@@ -89,7 +89,15 @@ def swept_keys(df: pd.DataFrame) -> list[str]:
     return keys
 
 
+def completed(df: pd.DataFrame) -> pd.Series:
+    """Runs that count in means and plots: status completed (failed / diverged / preempted ones do not)."""
+    if "status" not in df:
+        return pd.Series(True, index=df.index)
+    return df["status"].fillna("completed") == "completed"
+
+
 def aggregate(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """Mean and std per configuration over its COMPLETED runs; `runs ok` = completed / all runs."""
     by = by or swept_keys(df) or ["method.name"]
     by = [b if b in df.columns else f"override:{b}" for b in by]
     metrics = metric_columns(df, set(df.attrs.get("summary_keys", df.columns)))
@@ -98,15 +106,25 @@ def aggregate(df: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
         num[m] = pd.to_numeric(num[m], errors="coerce")
     for b in by:
         num[b] = num[b].astype(str)
-    grouped = num.groupby(by, sort=True, dropna=False)
-    out = grouped[metrics].agg(["mean", "std"])
+    ok = completed(df)
+    total = num.groupby(by, sort=True, dropna=False).size()
+    grouped = num[ok].groupby(by, sort=True, dropna=False)
+    out = grouped[metrics].agg(["mean", "std"]).reindex(total.index)
     out.columns = [f"{m} {stat}" for m, stat in out.columns]
-    out.insert(0, "seeds", grouped.size())
+    n_ok = grouped.size().reindex(total.index).fillna(0).astype(int)
+    out.insert(0, "seeds", n_ok)
+    out.insert(1, "runs ok", [f"{a}/{b}" for a, b in zip(n_ok, total, strict=True)])
     return out.reset_index().rename(columns=lambda c: c.replace("override:", ""))
 
 
-def to_markdown(agg: pd.DataFrame) -> str:
-    """mean +- std cells (std omitted for a single seed)."""
+def excluded(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs left out of the means, with how they ended."""
+    cols = [c for c in ("run_dir", "status", "reason") if c in df]
+    return df.loc[~completed(df), cols]
+
+
+def to_markdown(agg: pd.DataFrame, left_out: pd.DataFrame | None = None) -> str:
+    """mean +- std cells (std omitted for a single seed); the runs left out of the means, if any."""
     keys = [c for c in agg.columns if not c.endswith((" mean", " std"))]
     metrics = [c[:-5] for c in agg.columns if c.endswith(" mean")]
     head = "| " + " | ".join(keys + metrics) + " |"
@@ -123,6 +141,10 @@ def to_markdown(agg: pd.DataFrame) -> str:
             f = (lambda v: f"{v:,.0f}") if big else (lambda v: f"{v:.4g}")
             cells.append(f(mean) if std is None or math.isnan(std) else f"{f(mean)} ± {f(std)}")
         lines.append("| " + " | ".join(cells) + " |")
+    if left_out is not None and len(left_out):
+        lines += ["", f"Left out of the means and plots ({len(left_out)} runs):", ""]
+        lines += [f"- {r.get('status')}: {r.get('run_dir')} ({r.get('reason') or 'no reason recorded'})"
+                  for _, r in left_out.iterrows()]
     return "\n".join(lines) + "\n"
 
 
@@ -148,14 +170,17 @@ def _curves(df: pd.DataFrame, label_cols: list[str], x: str, y: str) -> dict[str
         parts = [f"{_short(c)}={run[c]}" for c in label_cols if not _missing(run[c])]
         label = ", ".join(parts) or str(run.get("method.name"))
         out.setdefault(label, []).append(rows[[x, y]].dropna())
-    return {k: pd.concat(v).groupby(x, as_index=False)[y].mean() for k, v in out.items()}
+    return {k: pd.concat(v).groupby(x)[y].agg(["mean", "std", "count"]).reset_index() for k, v in out.items()}
 
 
-def _save(fig: Any, ax: Any, path: Path, title: str, logx: bool = True) -> Path:
+def _save(fig: Any, ax: Any, path: Path, title: str, logx: bool = True, integer_x: bool = False) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if logx:
         ax.set_xscale("log")
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(alpha=0.3)
     if len(ax.get_legend_handles_labels()[0]) > 4:  # many series: legend beside the plot, not on it
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -163,71 +188,101 @@ def _save(fig: Any, ax: Any, path: Path, title: str, logx: bool = True) -> Path:
         ax.legend(fontsize=8, loc="best")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _curve_plot(df: pd.DataFrame, labels: list[str], x: str, y: str, path: Path, xlabel: str) -> list[Path]:
+AXIS_LABELS = {"global/val_acc": "validation accuracy", "global/val_r2": "validation R^2",
+               "personal/val_acc": "personal validation accuracy (mean over clients)",
+               "comm/bytes_total": "cumulative bytes sent (up + down)", "round": "round"}
+
+
+def _curve_plot(df: pd.DataFrame, labels: list[str], x: str, y: str, path: Path, note: str) -> list[Path]:
+    """One line per configuration (its own colour; line style by its first key, usually the method):
+    the mean over seeds, with a band of +- one standard deviation where there are several seeds."""
     import matplotlib.pyplot as plt
 
     curves = _curves(df, labels, x, y)
     if not curves:
         return []
     fig, ax = plt.subplots(figsize=(10, 5))
-    # the first swept key (usually the method) and the rest of the label get one visual channel each:
-    # up to 4 methods by line style and the rest by colour (methods that nearly coincide stay
-    # distinguishable); more methods by colour and the rest by line style
     styles = ["-", "--", ":", "-."]
     heads = sorted({label.split(", ")[0] for label in curves})
-    tails = sorted({", ".join(label.split(", ")[1:]) for label in curves})
-    heads_by_style = len(heads) <= len(styles)
-    for label, c in sorted(curves.items()):
-        h = heads.index(label.split(", ")[0])
-        t = tails.index(", ".join(label.split(", ")[1:]))
-        style, colour = (h, t) if heads_by_style else (t, h)
-        ax.plot(c[x], c[y], label=label, linewidth=1.8, linestyle=styles[style % len(styles)],
-                color=plt.cm.tab10(colour % 10))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{y} (mean over seeds)")
-    return [_save(fig, ax, path, f"{y} vs {xlabel}", logx=x != "round")]
+    palette = plt.cm.tab10 if len(curves) <= 10 else plt.cm.tab20
+    for i, (label, c) in enumerate(sorted(curves.items())):
+        colour = palette(i % palette.N)
+        style = styles[heads.index(label.split(", ")[0]) % len(styles)]
+        ax.plot(c[x], c["mean"], label=label, linewidth=1.8, linestyle=style, color=colour)
+        spread = c["std"].fillna(0.0)
+        if (c["count"] > 1).any():
+            ax.fill_between(c[x], c["mean"] - spread, c["mean"] + spread, color=colour, alpha=0.15, linewidth=0)
+    ax.set_xlabel(AXIS_LABELS.get(x, x))
+    ax.set_ylabel(f"{AXIS_LABELS.get(y, y)}\n(mean over seeds, band: ± 1 std)")
+    title = f"{AXIS_LABELS.get(y, y)} vs {AXIS_LABELS.get(x, x)}{note}"
+    return [_save(fig, ax, path, title, logx=x != "round", integer_x=x == "round")]
+
+
+def _sparsity_plot(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Achieved density and TDR vs target density, one line per setting of every OTHER swept key (e.g.
+    prune_start, method); the target itself as a visible reference line. The series go to a CSV too."""
+    import matplotlib.pyplot as plt
+
+    others = [k for k in swept_keys(df) if not k.endswith("target_density")]
+    cols = [c for c in ("sparsity/density", "sparsity/tdr") if c in df]
+    keys = ["method.target_density", *others]
+    series = df.groupby([k for k in keys], dropna=False)[cols].mean().reset_index()
+    series["label"] = series[others].astype(str).apply(
+        lambda r: ", ".join(f"{_short(k)}={v}" for k, v in r.items()), axis=1) if others else "all runs"
+    series.to_csv(out / "density_tdr_vs_target.csv", index=False)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    targets = sorted(series["method.target_density"].unique())
+    ax.plot(targets, targets, color="black", linestyle="--", linewidth=1.5, label="target (density = target)",
+            zorder=5)
+    for i, (label, g) in enumerate(series.groupby("label")):
+        g = g.sort_values("method.target_density")
+        colour = plt.cm.tab10(i % 10)
+        ax.plot(g["method.target_density"], g["sparsity/density"], "o-", color=colour, label=f"density, {label}")
+        if "sparsity/tdr" in g and g["sparsity/tdr"].notna().any():
+            ax.plot(g["method.target_density"], g["sparsity/tdr"], "s:", color=colour, label=f"TDR, {label}")
+    ax.set_xlabel("target density (fraction of gated entries kept)")
+    ax.set_ylabel("achieved density / TDR (fraction)")
+    ax.set_xticks(targets)
+    return [_save(fig, ax, out / "density_tdr_vs_target.png", "density and TDR vs target density", logx=False)]
 
 
 def plots(df: pd.DataFrame, out: Path) -> list[Path]:
+    """PNG plots of the completed runs (the title says how many others were left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ok = completed(df)
+    note = f" ({int((~ok).sum())} failed/diverged runs left out)" if (~ok).any() else ""
+    df = df[ok]
     written = []
     labels = [c for c in swept_keys(df)] or ["method.name"]
     y_key = "global/val_acc" if "best/val_acc" in df and df["best/val_acc"].notna().any() else "global/val_r2"
-    for x, fname, xlabel in (("round", "val_vs_round.png", "round"),
-                             ("comm/bytes_total", "val_vs_bytes.png", "cumulative bytes (up + down)")):
-        written += _curve_plot(df, labels, x, y_key, out / fname, xlabel)
+    for x, fname in (("round", "val_vs_round.png"), ("comm/bytes_total", "val_vs_bytes.png")):
+        written += _curve_plot(df, labels, x, y_key, out / fname, note)
     no_global = df["best/val_acc"].isna() if "best/val_acc" in df else pd.Series(True, index=df.index)
     personal_sweep = ("partition.name" in df and (df["partition.name"] == "noniid_s").any()) or (
         "personal/test_acc" in df and (df["personal/test_acc"].notna() & no_global).any())
     if personal_sweep:
         # personalized methods: each client's own model on its own validation split, averaged over clients
-        written += _curve_plot(df, labels, "round", "personal/val_acc", out / "personal_val_vs_round.png", "round")
+        written += _curve_plot(df, labels, "round", "personal/val_acc", out / "personal_val_vs_round.png", note)
     if "method.target_density" in df and "sparsity/density" in df and df["sparsity/density"].notna().any():
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        agg = df.groupby("method.target_density")[[c for c in ("sparsity/density", "sparsity/tdr") if c in df]].mean()
-        ax.plot(agg.index, agg["sparsity/density"], "o-", label="achieved density")
-        ax.plot(agg.index, agg.index, "k--", linewidth=0.8, label="target")
-        if "sparsity/tdr" in agg and agg["sparsity/tdr"].notna().any():
-            ax.plot(agg.index, agg["sparsity/tdr"], "s-", label="TDR")
-        ax.set_xlabel("target density")
-        written.append(_save(fig, ax, out / "density_tdr_vs_target.png", "density and TDR vs target density"))
+        written += _sparsity_plot(df, out)
     if "partition.alpha" in df and df["partition.alpha"].nunique() > 1 and "best/round" in df:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for method, g in df.groupby("method.name"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (method, g) in enumerate(df.groupby("method.name")):  # coinciding methods stay visible
             a = g.groupby("partition.alpha")["best/round"].agg(["mean", "std"]).reset_index()
-            ax.errorbar(a["partition.alpha"], a["mean"], yerr=a["std"].fillna(0), marker="o", capsize=3, label=method)
-        ax.set_xlabel("Dirichlet alpha (small = more skew)")
+            ax.errorbar(a["partition.alpha"], a["mean"], yerr=a["std"].fillna(0), marker="osD^v"[i % 5], capsize=3,
+                        linestyle=["-", "--", ":", "-."][i % 4], markersize=8 - i % 4, label=method)
+        ax.set_xlabel("Dirichlet alpha (small = more label skew)")
         ax.set_ylabel("rounds-to-best (mean ± std over seeds)")
-        written.append(_save(fig, ax, out / "rounds_to_best_vs_alpha.png", "rounds-to-best vs alpha"))
+        written.append(_save(fig, ax, out / "rounds_to_best_vs_alpha.png", f"rounds-to-best vs alpha{note}"))
     return written
 
 
@@ -241,7 +296,7 @@ def report(sweep_dir: str | Path, out: str | Path | None = None, by: list[str] |
     agg = aggregate(df, by)
     df.to_csv(out / "report.csv", index=False)
     agg.to_csv(out / "summary.csv", index=False)
-    md = to_markdown(agg)
+    md = to_markdown(agg, excluded(df))
     (out / "summary.md").write_text(md)
     pngs = plots(df, out)
     return {"runs": df, "summary": agg, "markdown": md, "plots": pngs, "out": out}

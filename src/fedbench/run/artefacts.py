@@ -31,16 +31,19 @@ def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_clas
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        fig, ax = plt.subplots(figsize=(min(2 + 0.35 * num_classes, 12), min(2 + 0.12 * part.num_clients, 14)))
+        fig, ax = plt.subplots(figsize=(min(4 + 0.4 * num_classes, 14), min(3.5 + 0.15 * part.num_clients, 16)))
         im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xlabel("class")
         ax.set_ylabel("client")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # clients and classes are whole numbers
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{cfg.partition.name} samples per client and class\n"
                      f"(mean label entropy {stats['label_entropy_mean']:.2f} nats)")
         fig.colorbar(im, ax=ax, label="samples")
         fig.tight_layout()
-        fig.savefig(run_dir / "partition.png", dpi=80)
+        fig.savefig(run_dir / "partition.png", dpi=110)
         plt.close(fig)
     except Exception as e:  # noqa: BLE001 - a plot must never stop a run
         log.warning("partition heatmap not written: %s", e)

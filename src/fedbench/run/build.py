@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class Run:
     n_params: int
     executor: Executor | None = None
     sweep_group: str | None = None
+    created: float = dataclasses.field(default_factory=time.perf_counter)  # when the run began (start-up)
+    startup_s: float = 0.0         # data, model, warm start, sinks: before the first round of this process
 
     @property
     def rounds(self) -> int:

@@ -13,7 +13,7 @@ import torch
 from fedbench.data.clients import BatchSchedule, ClientView
 from fedbench.engine.functional import tree_index
 from fedbench.engine.protocol import RoundContext
-from fedbench.errors import DivergedError, Preempted
+from fedbench.errors import ConfigError, DivergedError, Preempted
 from fedbench.metrics.comm import payload_bytes
 
 if TYPE_CHECKING:
@@ -50,9 +50,10 @@ def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
     """Rounds state.round + 1 .. R; returns the summary. A callback returning True stops the loop."""
     from fedbench.run.summary import summarise
 
-    state, status = run.state, "completed"
+    state, status, reason = run.state, "completed", None
     for cb in callbacks:
         cb.on_start(run, state)
+    run.startup_s = time.perf_counter() - run.created
     try:
         for r in range(state.round + 1, run.rounds + 1):
             t0 = time.perf_counter()
@@ -66,10 +67,10 @@ def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
             if any([cb.after_round(run, state, row) for cb in callbacks]):
                 break
     except BaseException as e:
-        status = status_of(e)
+        status, reason = status_of(e), one_line(e)
         raise
     finally:
-        summary = summarise(run, state, status)
+        summary = summarise(run, state, status, reason)
         for cb in callbacks:
             cb.on_end(run, state, summary)
     return summary
@@ -98,7 +99,17 @@ def status_of(e: BaseException) -> str:
         return "diverged"
     if isinstance(e, Preempted):
         return "preempted"
-    return "interrupted"
+    if isinstance(e, Exception):
+        return "failed"
+    return "interrupted"  # KeyboardInterrupt, SystemExit
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error; fedbench's own errors speak for themselves, others get their type."""
+    text = str(e).strip().splitlines()
+    if isinstance(e, (ConfigError, DivergedError, Preempted)) and text:
+        return text[0]
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def synchronize(device: torch.device) -> None:

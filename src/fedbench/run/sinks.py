@@ -61,7 +61,7 @@ def _headline(row: dict[str, Any]) -> dict[str, str]:
     """The numbers a person watches: validation metric and best so far, or personal accuracy."""
     for key in ("global/val_acc", "global/val_r2"):
         if key in row:
-            return {"val": f"{row[key]:.4f}", "best": f"{row['best/val_acc']:.4f}@{row['best/round']}"}
+            return {key.split("/")[1]: f"{row[key]:.4f}", "best": f"{row['best/val_acc']:.4f}@{row['best/round']}"}
     if "personal/test_acc" in row:
         return {"personal_test_acc": f"{row['personal/test_acc']:.4f}"}
     return {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedbench.engine.functional import tree_assign
+from fedbench.errors import ConfigError
 from fedbench.metrics.tracker import BestTracker
 from fedbench.tracking.files import write_json
+
+log = logging.getLogger("fedbench")
 
 # keys that do not change what a run computes (ignored when matching a checkpoint to a config)
 _NON_SEMANTIC = ("resume", "logger", "progress", "output_root", "checkpoint_every")
@@ -71,11 +76,42 @@ def fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
+    """Atomic: written to a temporary file, flushed, then renamed; the one it replaces is kept as
+    checkpoint.prev.pt, so a file torn by a crash never leaves the run without a checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)
     write_json(path.with_name("run_state.json"), {k: ckpt[k] for k in ("round", "fingerprint", "finished")})
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """The newest readable checkpoint (tensors, numbers, strings, lists and dicts only: weights_only).
+    A corrupt or truncated newest file falls back to the previous one with a warning; when both are
+    unreadable the run stops with one line (ConfigError)."""
+    errors = []
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            continue
+        try:
+            ckpt = torch.load(candidate, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
+            errors.append(f"{candidate.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"[:160])
+            continue
+        if errors:
+            log.warning("checkpoint %s is unreadable (%s); resuming from %s", path, errors[0], candidate.name)
+        return ckpt
+    raise ConfigError(f"resume: no readable checkpoint in {path.parent} ({'; '.join(errors)}); "
+                      f"use resume=false to start over")
 
 
 def find_resumable(root: Path, fp: str, exclude: Path) -> Path | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,52 @@ def method_config(cfg: DictConfig) -> tuple[Any, MethodConfig]:
     return method_cls, build_config(method_cls.Config, values)
 
 
+def _number(cfg: DictConfig, key: str, low: float, high: float, *, low_open: bool = False,
+            high_open: bool = False, optional: bool = False) -> None:
+    """`key` is a finite number in the interval (brackets per the flags), or null when optional."""
+    v = OmegaConf.select(cfg, key)
+    if v is None and optional:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={v}: must be a number in {interval}{' or null' if optional else ''}")
+
+
+def _check_inputs(cfg: DictConfig) -> None:
+    """The backbone takes what the dataset gives (frozen features are vectors)."""
+    features = str(OmegaConf.select(cfg, "features.extractor", default="none"))
+    if features != "none":
+        lookup("backbone", features, key="features.extractor")
+        if str(cfg.dataset.get("input", "image")) != "image":
+            raise ConfigError(f"features.extractor={features}: needs an image dataset; dataset={cfg.dataset.name} "
+                              f"has {cfg.dataset.input} inputs (features.extractor=none)")
+    given = "vector" if features != "none" else str(cfg.dataset.get("input", "image"))
+    if given == "vector" and str(cfg.backbone.get("input", "any")) == "image":
+        raise ConfigError(f"backbone={cfg.backbone.name} takes images but dataset={cfg.dataset.name} gives vector "
+                          f"inputs{' (frozen features)' if features != 'none' else ''}; use backbone=logreg or "
+                          f"backbone=mlp")
+    weights = cfg.backbone.get("weights")
+    if isinstance(weights, str) and ("/" in weights or weights.endswith((".pt", ".pth"))) \
+            and not Path(weights).exists():
+        raise ConfigError(f"backbone.weights={weights}: no such file (a state dict, imagenet or none)")
+    source = OmegaConf.select(cfg, "warm_start.source")
+    if source:
+        lookup("dataset", str(source), key="warm_start.source")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    _number(cfg, "dataset.val_fraction", 0.0, 1.0, high_open=True, optional=True)
+    _number(cfg, "dataset.test_fraction", 0.0, 1.0, high_open=True, optional=True)
+    fractions = sum(float(cfg.dataset.get(k) or 0.0) for k in ("val_fraction", "test_fraction"))
+    if fractions >= 1.0:
+        raise ConfigError(f"dataset.val_fraction + dataset.test_fraction = {fractions:g}: must leave training "
+                          f"data (< 1)")
+    if cfg.partition.name == "shards":
+        _positive_int(cfg, "partition.shards_per_client")
+
+
 def validate(cfg: DictConfig, check_device: bool = True) -> None:
     """Check values before any work; each failure is one line naming the key and what is allowed.
     `check_device=False` leaves the device to the job (a SLURM sweep is launched from a login node
@@ -38,13 +86,17 @@ def validate(cfg: DictConfig, check_device: bool = True) -> None:
     method_config(cfg)
     for key in ("rounds", "clients", "batch_size", "local_epochs", "eval_every", "checkpoint_every"):
         _positive_int(cfg, key)
+    _positive_int(cfg, "seed", minimum=0)
+    if cfg.hardware.get("threads") is not None:
+        _positive_int(cfg, "hardware.threads")
     if cfg.local_steps is not None:
         _positive_int(cfg, "local_steps")
     p = cfg.participation
     if not isinstance(p, (int, float)) or not 0 < p <= 1:
         raise ConfigError(f"participation={p}: must be a fraction in (0, 1]")
-    if not isinstance(cfg.lr, (int, float)) or not cfg.lr > 0:
-        raise ConfigError(f"lr={cfg.lr}: must be > 0")
+    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < math.inf:
+        raise ConfigError(f"lr={cfg.lr}: must be a finite number > 0")
+    _number(cfg, "metrics.target", 0.0, 1.0, low_open=True, optional=True)
     if cfg.partition.name == "dirichlet":
         a = cfg.partition.alpha
         if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
@@ -59,6 +111,8 @@ def validate(cfg: DictConfig, check_device: bool = True) -> None:
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode}: allowed: {', '.join(MODES)}")
     if cfg.resume not in (True, False, "auto"):
         raise ConfigError(f"resume={cfg.resume}: allowed: auto, true, false")
+    _check_data(cfg)
+    _check_inputs(cfg)
     if check_device:
         resolve_device(str(cfg.hardware.device))
 

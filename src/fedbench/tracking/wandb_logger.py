@@ -47,7 +47,8 @@ class WandbLogger:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        settings = wandb.Settings(init_timeout=60, console="off", x_disable_stats=True)
+        # online without a network: give up after 10 s and fall back to offline (said once)
+        settings = wandb.Settings(init_timeout=10 if mode == "online" else 60, console="off", x_disable_stats=True)
         return wandb.init(mode=mode, settings=settings, **kwargs)
 
     @property
