@@ -133,6 +133,15 @@ def unknown_added_key(job: list[str], cfg: object) -> str | None:
     return None
 
 
+def missing_sweeper(argv: list[str]) -> str | None:
+    """hydra/sweeper=tune needs the Optuna sweeper plugin (an optional extra)."""
+    import importlib.util
+
+    if "hydra/sweeper=tune" in argv and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        return "hydra/sweeper=tune needs the optional package 'hydra-optuna-sweeper': pip install -e '.[tune]'"
+    return None
+
+
 def preflight(argv: list[str]) -> str | None:
     """Compose and validate every job's config before Hydra starts anything (a multirun is expanded the
     way Hydra's basic sweeper does it), so a bad key or value stops the command with one line and no
@@ -211,15 +220,24 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             _fail(str(e), EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED)
         print(f"fedbench: job {hc.job.num} {status}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
-        return None
+        return float("nan")  # a tuning sweeper (Optuna) records the trial as failed
     print(format_summary(summary))
-    return summary.get("best/val_acc")
+    return objective(summary)
+
+
+def objective(summary: dict) -> float:
+    """What a tuning sweeper maximises: validation only, never test (accuracy, R^2, or the clients'
+    personal validation accuracy for methods without a global model)."""
+    for key in ("best/val_acc", "best/val_r2", "best/personal_val_acc"):
+        if summary.get(key) is not None:
+            return float(summary[key])
+    return float("nan")
 
 
 def main() -> None:
     logging.getLogger("fedbench").setLevel(logging.INFO)
     argv = sys.argv[1:]
-    msg = check_group_overrides(argv) or preflight(argv)
+    msg = check_group_overrides(argv) or missing_sweeper(argv) or preflight(argv)
     if msg:
         _fail(msg, EXIT_CONFIG)
     _hydra_main()

@@ -286,6 +286,17 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
+def optuna_best(sweep_dir: Path) -> str:
+    """The best trial of an Optuna sweep (hydra/sweeper=tune), from its optimization_results.yaml."""
+    path = sweep_dir / "optimization_results.yaml"
+    if not path.exists():
+        return ""
+    res = yaml.safe_load(path.read_text()) or {}
+    params = " ".join(f"{k}={v}" for k, v in (res.get("best_params") or {}).items())
+    return (f"\nOptuna study ({res.get('name', 'optuna')}): best validation value {res.get('best_value')} with "
+            f"{params}; run seeds at these values for the final table.\n")
+
+
 def report(sweep_dir: str | Path, out: str | Path | None = None, by: list[str] | None = None) -> dict[str, Any]:
     sweep_dir = Path(sweep_dir)
     df = collect(sweep_dir)
@@ -296,7 +307,7 @@ def report(sweep_dir: str | Path, out: str | Path | None = None, by: list[str] |
     agg = aggregate(df, by)
     df.to_csv(out / "report.csv", index=False)
     agg.to_csv(out / "summary.csv", index=False)
-    md = to_markdown(agg, excluded(df))
+    md = to_markdown(agg, excluded(df)) + optuna_best(sweep_dir)
     (out / "summary.md").write_text(md)
     pngs = plots(df, out)
     return {"runs": df, "summary": agg, "markdown": md, "plots": pngs, "out": out}

@@ -35,6 +35,8 @@ class Dataset:
     task: str = "classification"  # or "regression"
     true_support: torch.Tensor | None = None  # indices of the true non-zero coefficients (synthetic)
     info: dict[str, Any] = field(default_factory=dict)
+    # per-sample columns of the training pool kept for partitioning (e.g. FEMNIST's writer_id), row-aligned
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -50,7 +52,7 @@ class Dataset:
         return Dataset(
             self.name, cast_x(self.x_train), cast_y(self.y_train), cast_x(self.x_val), cast_y(self.y_val),
             cast_x(self.x_test), cast_y(self.y_test), self.num_classes, self.task, self.true_support,
-            dict(self.info),
+            dict(self.info), dict(self.columns),
         )
 
 
@@ -77,8 +79,10 @@ def _stratified_holdout(y: np.ndarray, fractions: list[float], seed: int) -> lis
 
 def _from_arrays(name: str, x: np.ndarray, y: np.ndarray, cfg: Any, num_classes: int,
                  x_test: np.ndarray | None = None, y_test: np.ndarray | None = None,
-                 task: str = "classification", stratify: bool = True, **extra: Any) -> Dataset:
-    """Build a Dataset, carving validation (and test, when there is no official one) out of x."""
+                 task: str = "classification", stratify: bool = True,
+                 columns: dict[str, np.ndarray] | None = None, **extra: Any) -> Dataset:
+    """Build a Dataset, carving validation (and test, when there is no official one) out of x.
+    `columns` (aligned with x) follow the training pool's rows."""
     val_frac = float(cfg.get("val_fraction", 0.1))
     seed = int(cfg.get("split_seed", 0))
     labels = y if (stratify and task == "classification") else np.zeros(len(y), dtype=np.int64)
@@ -89,8 +93,10 @@ def _from_arrays(name: str, x: np.ndarray, y: np.ndarray, cfg: Any, num_classes:
     else:
         val_idx, train_idx = _stratified_holdout(labels, [val_frac], seed)
     t = torch.from_numpy
+    kept = {k: np.asarray(v)[train_idx] for k, v in (columns or {}).items()}
     return Dataset(name, t(x[train_idx]), t(y[train_idx]), t(x[val_idx]), t(y[val_idx]),
-                   t(np.ascontiguousarray(x_test)), t(np.ascontiguousarray(y_test)), num_classes, task, **extra)
+                   t(np.ascontiguousarray(x_test)), t(np.ascontiguousarray(y_test)), num_classes, task,
+                   columns=kept, **extra)
 
 
 def _normalize(x: np.ndarray, mean: float | list[float], std: float | list[float]) -> np.ndarray:

@@ -46,7 +46,8 @@ def _check_common(n_samples: int, n_clients: int, min_samples: int) -> None:
 
 
 @register("partition", "iid")
-def iid(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+def iid(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
+        columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     n = len(labels)
     min_samples = int(cfg.get("min_samples", 1))
     _check_common(n, n_clients, min_samples)
@@ -65,7 +66,8 @@ def iid(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) 
 
 
 @register("partition", "dirichlet")
-def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
+        columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     alpha = float(cfg.alpha)
     if not alpha > 0:
         raise ConfigError(f"partition.alpha={cfg.alpha}: must be a float > 0 (small alpha = more label skew)")
@@ -103,7 +105,8 @@ def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Gener
 
 
 @register("partition", "shards")
-def shards(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+def shards(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
+        columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     per_client = int(cfg.get("shards_per_client", 2))
     n = len(labels)
     _check_common(n, n_clients, int(cfg.get("min_samples", 1)))
@@ -135,12 +138,14 @@ def split_local(parts: list[np.ndarray], val_fraction: float, test_fraction: flo
     return Partition(train, val, test)
 
 
-def make_partition(labels: np.ndarray, n_clients: int, cfg: Any, seed: int) -> Partition:
+def make_partition(labels: np.ndarray, n_clients: int, cfg: Any, seed: int,
+                   columns: dict[str, np.ndarray] | None = None) -> Partition:
+    """The clients' index sets (`columns`: per-sample columns the dataset kept, for natural splits)."""
     from fedbench.registry import lookup
 
     fn = lookup("partition", str(cfg.name))
     rng = np.random.default_rng([int(seed), 0x9A27])
-    parts = fn(labels, n_clients, cfg, rng)
+    parts = fn(labels, n_clients, cfg, rng, columns)
     part = split_local(parts, float(cfg.get("client_val_fraction", 0.0)),
                        float(cfg.get("client_test_fraction", 0.0)), rng)
     empty = [k for k, t in enumerate(part.train) if len(t) == 0]
@@ -170,7 +175,8 @@ def partition_stats(part: Partition, labels: np.ndarray, num_classes: int) -> di
 
 
 @register("partition", "noniid_s")
-def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator) -> list[np.ndarray]:
+def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
+        columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """FedPAC / FedeCouple split: each client gets `local_size` samples, a fraction `s` drawn iid from all
     classes and the rest from its dominant class group (client k -> group k mod `groups`). The local
     test/validation splits are carved from these samples, so they follow the same mix."""
@@ -206,3 +212,53 @@ def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Genera
         free[cand] = False
         parts[k].extend(cand.tolist())
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+@register("partition", "natural")
+def natural(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
+            columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """One client per distinct value of the column `partition.key` (a writer, a speaker, a user), each with
+    exactly its own samples; `clients` of the values are sampled with the partition seed."""
+    key = str(cfg.key)
+    if not columns or key not in columns:
+        raise ConfigError(f"partition.key={key}: the dataset keeps no such column (kept: "
+                          f"{', '.join(columns or {}) or 'none'}; name it in dataset.keep_columns)")
+    values, inverse = np.unique(np.asarray(columns[key]), return_inverse=True)
+    if n_clients > len(values):
+        raise ConfigError(f"clients={n_clients}: partition=natural has only {len(values)} distinct {key} values; "
+                          f"use clients <= {len(values)}")
+    chosen = np.sort(rng.choice(len(values), size=n_clients, replace=False))
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(values) + 1))
+    return [np.sort(order[bounds[v]:bounds[v + 1]]) for v in chosen]
+
+
+@register("partition", "flwr")
+def flwr(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
+         columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Any flwr-datasets partitioner by class name, applied to the labels (optional extra `hf`)."""
+    import inspect
+
+    from fedbench.data.hf import require
+
+    module = require("flwr_datasets.partitioner", "hf", "partition=flwr")
+    datasets = require("datasets", "hf", "partition=flwr")
+    known = sorted(n for n in dir(module) if n.endswith("Partitioner") and n != "Partitioner")
+    cls = vars(module).get(str(cfg.partitioner))
+    if str(cfg.partitioner) not in known or cls is None:
+        raise ConfigError(f"partition.partitioner={cfg.partitioner} is unknown; allowed: {', '.join(known)}")
+    kwargs = dict(cfg.get("kwargs") or {})
+    accepted = inspect.signature(cls).parameters
+    if kwargs.setdefault("num_partitions", n_clients) != n_clients:
+        raise ConfigError(f"partition.kwargs.num_partitions={kwargs['num_partitions']}: must equal clients={n_clients}")
+    if "partition_by" in accepted:
+        kwargs.setdefault("partition_by", "label")
+    if "seed" in accepted:
+        kwargs.setdefault("seed", int(rng.integers(2**31 - 1)))
+    try:
+        partitioner = cls(**kwargs)
+        partitioner.dataset = datasets.Dataset.from_dict({"label": labels, "fedbench_index": np.arange(len(labels))})
+        return [np.sort(np.asarray(partitioner.load_partition(i)["fedbench_index"], dtype=np.int64))
+                for i in range(n_clients)]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"partition={cfg.partitioner}: {str(e).splitlines()[0]}") from None

@@ -115,7 +115,7 @@ def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch
     else:
         part_labels, n_classes = labels, dataset.num_classes
     seed = int(cfg.seed) if cfg.partition.get("seed") is None else int(cfg.partition.seed)
-    part = make_partition(part_labels, int(cfg.clients), cfg.partition, seed)
+    part = make_partition(part_labels, int(cfg.clients), cfg.partition, seed, dataset.columns)
     stats = partition_stats(part, part_labels, n_classes)
     write_partition(run_dir, part, part_labels, n_classes, stats, cfg)
     log.info("partition: %s", ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
