@@ -44,8 +44,9 @@ def _number(cfg: DictConfig, key: str, low: float, high: float, *, low_open: boo
         raise ConfigError(f"{key}={v}: must be a number in {interval}{' or null' if optional else ''}")
 
 
-def _check_inputs(cfg: DictConfig) -> None:
-    """The backbone takes what the dataset gives (frozen features are vectors)."""
+def _check_inputs(cfg: DictConfig, uses_backbone: bool) -> None:
+    """The backbone takes what the dataset gives (frozen features are vectors); methods with their own
+    model (AFL, DeepAFL) build no backbone."""
     features = str(OmegaConf.select(cfg, "features.extractor", default="none"))
     if features != "none":
         lookup("backbone", features, key="features.extractor")
@@ -53,7 +54,7 @@ def _check_inputs(cfg: DictConfig) -> None:
             raise ConfigError(f"features.extractor={features}: needs an image dataset; dataset={cfg.dataset.name} "
                               f"has {cfg.dataset.input} inputs (features.extractor=none)")
     given = "vector" if features != "none" else str(cfg.dataset.get("input", "image"))
-    if given == "vector" and str(cfg.backbone.get("input", "any")) == "image":
+    if uses_backbone and given == "vector" and str(cfg.backbone.get("input", "any")) == "image":
         raise ConfigError(f"backbone={cfg.backbone.name} takes images but dataset={cfg.dataset.name} gives vector "
                           f"inputs{' (frozen features)' if features != 'none' else ''}; use backbone=logreg or "
                           f"backbone=mlp")
@@ -83,7 +84,7 @@ def validate(cfg: DictConfig, check_device: bool = True) -> None:
     that may have no GPU)."""
     for kind in ("method", "backbone", "dataset", "partition"):
         lookup(kind, str(cfg[kind].name))
-    method_config(cfg)
+    method_cls, _ = method_config(cfg)
     for key in ("rounds", "clients", "batch_size", "local_epochs", "eval_every", "checkpoint_every"):
         _positive_int(cfg, key)
     _positive_int(cfg, "seed", minimum=0)
@@ -112,7 +113,7 @@ def validate(cfg: DictConfig, check_device: bool = True) -> None:
     if cfg.resume not in (True, False, "auto"):
         raise ConfigError(f"resume={cfg.resume}: allowed: auto, true, false")
     _check_data(cfg)
-    _check_inputs(cfg)
+    _check_inputs(cfg, method_cls.uses_backbone)
     if check_device:
         resolve_device(str(cfg.hardware.device))
 
