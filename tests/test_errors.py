@@ -1,5 +1,8 @@
 """Bad input: one clear line on stderr, exit code != 0, no traceback."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -45,10 +48,17 @@ def test_bad_overrides(tmp_path, args, fragments):
     (["features.extractor=foo"], ["features.extractor='foo' is unknown", "cnn"]),
     (["warm_start.source=foo"], ["warm_start.source='foo' is unknown", "digits"]),
 ])
-def test_bad_inputs_are_one_line_and_exit_2(tmp_path, args, fragments):
-    proc = run_cli(TINY + args, tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert_one_line_error(proc, *fragments)
+def test_bad_inputs_are_one_line_and_exit_2(args, fragments, monkeypatch, capsys):
+    """Through the real entry point (`fedbench` = cli.main), in this process: every case stops in the
+    pre-flight, before Hydra starts a job (the subprocess cases above cover the process boundary)."""
+    from fedbench import cli
+
+    monkeypatch.setattr(sys, "argv", ["fedbench", *TINY, *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(subprocess.CompletedProcess([], 2, "", err), *fragments)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import compose_cfg, run_cli
@@ -51,12 +52,14 @@ def test_timed_auto_policy_picks_and_logs_an_executor(tmp_path, tiny):
     assert s["executor"] in ("sequential", "batched")
 
 
-def test_memory_flat_in_number_of_clients(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_memory_flat_in_number_of_clients(tmp_path, workers):
     """10,000 clients (100 per round) vs 100 clients (100 per round) on the same data: peak memory
-    within 2x. Per-client state is stacked tensors and index sets, never a model per client."""
+    within 2x, in one process and with 2 workers sharding each round. Per-client state is stacked
+    tensors and index sets, never a model per client."""
     common = ["dataset=synthetic_logistic", "dataset.n=25000", "dataset.d=200", "backbone=logreg",
               "rounds=2", "local_steps=5", "batch_size=4", "logger=local", "progress=false", "hardware=cpu",
-              "hardware.executor=batched", "partition=iid", "partition.min_samples=1"]
+              "hardware.executor=batched", "partition=iid", "partition.min_samples=1", f"hardware.workers={workers}"]
     peaks = {}
     for n_clients, part in ((100, 1.0), (10000, 0.01)):
         d = tmp_path / str(n_clients)

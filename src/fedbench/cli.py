@@ -221,7 +221,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"fedbench: job {hc.job.num} {status}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         return float("nan")  # a tuning sweeper (Optuna) records the trial as failed
-    print(format_summary(summary))
+    if summary:  # ranks > 0 of a multi-process run return nothing: rank 0 reports
+        print(format_summary(summary))
     return objective(summary)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from fedbench.engine.distributed import SINGLE, World, broadcast
 from fedbench.errors import ConfigError, DivergedError, Preempted
 from fedbench.run.build import build_run
 from fedbench.run.callbacks import Callback, CheckpointCallback, DivergenceCallback, StopFlag
@@ -22,6 +23,7 @@ from fedbench.run.sinks import FilesCallback, ProgressCallback, WandbCallback
 from fedbench.run.state import find_resumable, fingerprint, load_checkpoint, previous_path
 from fedbench.run.summary import format_summary
 from fedbench.run.validation import resolve_device, validate
+from fedbench.run.workers import finish_workers, start_workers
 
 __all__ = ["ConfigError", "DivergedError", "Preempted", "StopFlag", "evaluate_personal", "format_summary",
            "run_experiment", "validate"]
@@ -29,10 +31,10 @@ __all__ = ["ConfigError", "DivergedError", "Preempted", "StopFlag", "evaluate_pe
 log = logging.getLogger("fedbench")
 
 
-def default_callbacks(cfg: DictConfig, stop_after: int | None = None) -> list[Callback]:
+def default_callbacks(cfg: DictConfig, stop_after: int | None = None, world: World = SINGLE) -> list[Callback]:
     """Evaluation first (it adds metrics to the row), then the sinks, then the guards."""
     return [EvaluationCallback(), ProgressCallback(bool(cfg.progress)), FilesCallback(), WandbCallback(),
-            DivergenceCallback(), CheckpointCallback(int(cfg.checkpoint_every), stop_after)]
+            DivergenceCallback(), CheckpointCallback(int(cfg.checkpoint_every), stop_after, world)]
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any] | None, dict[str, Any] | None]:
@@ -63,16 +65,46 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
     """Run (or continue) one experiment in `run_dir`; returns the summary.
 
     `stop_after=k` stops after round k as a preemption would (checkpoint, then `Preempted`);
-    `callbacks` replaces the default list (evaluation, progress, files, W&B, divergence, checkpoint)."""
+    `callbacks` replaces the default list (evaluation, progress, files, W&B, divergence, checkpoint).
+    With several workers (hardware.workers, torchrun, SLURM tasks) rank 0 returns the summary, the
+    other ranks an empty dict."""
     started = time.perf_counter()
     validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_dir_lock(run_dir):
-        target, checkpoint, finished = resolve_resume(cfg, run_dir)
-        if finished is not None:
-            return finished
-        with run_dir_lock(target) if target != run_dir else contextlib.nullcontext():
-            run = build_run(cfg, target, checkpoint, sweep_group)
-            run.created = started
-            return run_rounds(run, callbacks if callbacks is not None else default_callbacks(cfg, stop_after))
+    world, children = start_workers(cfg, Path(run_dir), stop_after)
+    try:
+        if not world.is_main:
+            return follow(cfg, world, stop_after)
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with run_dir_lock(run_dir):
+            try:
+                target, checkpoint, finished = resolve_resume(cfg, run_dir)
+            except BaseException:
+                broadcast(None, world)  # the other ranks stop too
+                raise
+            broadcast((str(target), finished is not None), world)
+            if finished is not None:
+                return finished
+            with run_dir_lock(target) if target != run_dir else contextlib.nullcontext():
+                run = build_run(cfg, target, checkpoint, sweep_group, world)
+                run.created = started
+                return run_rounds(run, callbacks if callbacks is not None else default_callbacks(cfg, stop_after,
+                                                                                                  world))
+    finally:
+        finish_workers(world, children)
+
+
+def follow(cfg: DictConfig, world: World, stop_after: int | None) -> dict[str, Any]:
+    """A rank > 0: the same run on rank 0's run dir and checkpoint, computing its share of every round;
+    rank 0 alone evaluates, logs and writes."""
+    plan = broadcast(None, world)
+    if plan is None or plan[1]:  # rank 0 failed before the run, or the run had finished already
+        return {}
+    target = Path(plan[0])
+    ckpt = target / "checkpoint.pt"
+    checkpoint = None
+    if cfg.resume in (True, "auto") and (ckpt.exists() or previous_path(ckpt).exists()):
+        checkpoint = load_checkpoint(ckpt, resolve_device(str(cfg.hardware.device)))
+    run = build_run(cfg, target, checkpoint, None, world)
+    run_rounds(run, [DivergenceCallback(), CheckpointCallback(int(cfg.checkpoint_every), stop_after, world)])
+    return {}

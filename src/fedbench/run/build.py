@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
 from fedbench.data.partitions import Partition, make_partition, partition_stats
+from fedbench.engine.distributed import SINGLE, ShardedExecutor, World
 from fedbench.engine.executors import Executor, pick_executor
 from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.engine.protocol import RoundContext, RunContext
@@ -104,7 +105,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Partition, dict]:
+def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch.dtype,
+              write: bool = True) -> tuple[Any, Partition, dict]:
     """The dataset on the run's device, its partition (written to run_dir), and the partition's statistics.
     Label-skew partitions of a regression task skew the target: 10 quantile bins of y."""
     dataset = lookup("dataset", str(cfg.dataset.name))(cfg.dataset)
@@ -117,7 +119,8 @@ def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch
     seed = int(cfg.seed) if cfg.partition.get("seed") is None else int(cfg.partition.seed)
     part = make_partition(part_labels, int(cfg.clients), cfg.partition, seed, dataset.columns)
     stats = partition_stats(part, part_labels, n_classes)
-    write_partition(run_dir, part, part_labels, n_classes, stats, cfg)
+    if write:
+        write_partition(run_dir, part, part_labels, n_classes, stats, cfg)
     log.info("partition: %s", ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
     return dataset.to(device, dtype), part, stats
 
@@ -186,18 +189,19 @@ def initial_state(cfg: DictConfig, method: Method, ctx: RunContext, n_clients: i
 
 
 def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = None,
-              sweep_group: str | None = None) -> Run:
+              sweep_group: str | None = None, world: World = SINGLE) -> Run:
+    """Every rank builds the same Run (same seeds); only rank 0 writes artefacts."""
     device = resolve_device(str(cfg.hardware.device))
     if cfg.hardware.threads:
         torch.set_num_threads(int(cfg.hardware.threads))
     # bf16 runs as autocast over float32 master weights
     dtype = torch.float64 if DTYPES[str(cfg.hardware.dtype)] == torch.float64 else torch.float32
-    dataset, part, stats = load_data(cfg, run_dir, device, dtype)
+    dataset, part, stats = load_data(cfg, run_dir, device, dtype, write=world.is_main)
     feature_info = extract_features(cfg, dataset, int(cfg.seed))
     view = ClientView.build(dataset.x_train, dataset.y_train, part.train)
     ctx = run_context(cfg, dataset, part, device)
     method, model, provenance, ctx = build_method(cfg, dataset, ctx, dtype)
-    if provenance:
+    if provenance and world.is_main:
         write_json(run_dir / "warm_start.json", provenance)
     provenance.update({f"features_info.{k}": v for k, v in (feature_info or {}).items()})
     run = Run(cfg, run_dir, device, dtype, fingerprint(cfg), dataset, part, stats, view,
@@ -205,6 +209,8 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None 
               initial_state(cfg, method, ctx, view.num_clients, checkpoint), provenance,
               sum(p.numel() for p in ctx.params.values()), sweep_group=sweep_group)
     run.executor = choose_executor(run)
+    if world.size > 1:
+        run.executor = ShardedExecutor(run.executor, world)
     return run
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from fedbench.engine.distributed import SINGLE, World
 from fedbench.errors import DivergedError, Preempted
 from fedbench.run.state import save_checkpoint
 
@@ -53,16 +54,21 @@ class CheckpointCallback(Callback):
     """checkpoint.pt every `checkpoint_every` rounds and at the end; on a stop request (SIGTERM) or
     `stop_after` it writes one and raises Preempted, so the same command resumes exactly."""
 
-    def __init__(self, every: int, stop_after: int | None = None):
-        self.every, self.stop_after = every, stop_after
+    def __init__(self, every: int, stop_after: int | None = None, world: World = SINGLE):
+        self.every, self.stop_after, self.world = every, stop_after, world
+
+    def save(self, run: Run, state: RunState, finished: bool) -> None:
+        if self.world.is_main:  # one writer; every rank decides the same way
+            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=finished))
 
     def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
         r, last = state.round, run.rounds
+        stop = self.world.any(StopFlag.requested)  # a signal seen by any rank stops all at this round
         if r == last:
-            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=True))
-        elif StopFlag.requested or (self.stop_after is not None and r >= self.stop_after):
-            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=False))
+            self.save(run, state, finished=True)
+        elif stop or (self.stop_after is not None and r >= self.stop_after):
+            self.save(run, state, finished=False)
             raise Preempted(f"stopped after round {r}; checkpoint in {run.ckpt_path}")
         elif r % self.every == 0:
-            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=False))
+            self.save(run, state, finished=False)
         return False

@@ -1,0 +1,74 @@
+"""One run over several processes (torch.distributed, gloo on CPU): the cohort is sharded over the ranks
+and the result is the one-process result, in float64, with the same bytes; a preempted multi-process run
+resumes exactly; torchrun starts it too."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+from conftest import compose_cfg, read_jsonl
+from fedbench.errors import Preempted
+from fedbench.experiment import run_experiment
+
+BASE = ["dataset=digits", "backbone=mlp", "backbone.hidden=[16]", "clients=10", "participation=0.5", "rounds=3",
+        "batch_size=16", "hardware=cpu", "hardware.dtype=float64", "logger=local", "progress=false",
+        "checkpoint_every=1", "local_epochs=2", "method.momentum=0.5"]
+
+
+def states(run_dir):
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    return tree_leaves([ckpt["gstate"], ckpt["cstates"]])
+
+
+def assert_same(a_dir, b_dir):
+    for x, y in zip(states(a_dir), states(b_dir), strict=True):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            assert float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) <= 1e-10
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            assert x == y
+    strip = [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+             for r in read_jsonl(a_dir / "metrics.jsonl")]
+    assert strip == [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+                     for r in read_jsonl(b_dir / "metrics.jsonl")]  # same bytes, loss, accuracy every round
+
+
+@pytest.mark.parametrize("method,executor", [("fedavg", "batched"), ("scaffold", "sequential"),
+                                             ("fedrep", "batched")])
+def test_two_workers_equal_one_process(tmp_path, method, executor):
+    cfg = BASE + [f"method={method}", f"hardware.executor={executor}"]
+    if method == "fedrep":
+        cfg += ["partition=noniid_s", "clients=5"]
+    one = run_experiment(compose_cfg(cfg), tmp_path / "one")
+    two = run_experiment(compose_cfg(cfg + ["hardware.workers=2"]), tmp_path / "two")
+    assert two["executor"] == f"{executor} x2 workers"
+    assert one["comm/bytes_total"] == two["comm/bytes_total"]
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_preempted_two_worker_run_resumes_exactly(tmp_path):
+    cfg = BASE + ["method=scaffold", "rounds=4"]
+    run_experiment(compose_cfg(cfg), tmp_path / "one")
+    with pytest.raises(Preempted):
+        run_experiment(compose_cfg(cfg + ["hardware.workers=2"]), tmp_path / "two", stop_after=2)
+    run_experiment(compose_cfg(cfg + ["hardware.workers=2"]), tmp_path / "two")
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
+def test_torchrun_starts_the_same_run(tmp_path):
+    cfg = BASE + ["method=fedavg"]
+    run_experiment(compose_cfg(cfg), tmp_path / "one")
+    from fedbench.engine.distributed import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}",
+                           "-m", "fedbench", *cfg, f"hydra.run.dir={tmp_path / 'tr'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("fedbench summary") == 1  # rank 0 alone reports
+    assert_same(tmp_path / "one", tmp_path / "tr")
