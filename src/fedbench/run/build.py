@@ -70,11 +70,7 @@ class Run:
     def ckpt_path(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
-    @property
-    def has_local_splits(self) -> bool:
-        """Per-client evaluation applies: a classifier backbone and clients with their own val/test splits."""
-        return (self.dataset.task == "classification" and self.model is not None
-                and (any(len(t) for t in self.part.test) or any(len(v) for v in self.part.val)))
+    has_local_splits: bool = False  # per-client evaluation applies (set once by build_run)
 
     def prepare_round(self, r: int) -> tuple[RoundContext, BatchSchedule]:
         """The round's cohort and batch schedule, drawn from (seed, round, client) only."""
@@ -208,6 +204,9 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None 
               torch.as_tensor(view.sizes(), dtype=dtype, device=device), model, method,
               initial_state(cfg, method, ctx, view.num_clients, checkpoint), provenance,
               sum(p.numel() for p in ctx.params.values()), sweep_group=sweep_group)
+    # per-client evaluation: a classifier backbone and clients with their own val/test splits
+    run.has_local_splits = (dataset.task == "classification" and model is not None
+                            and (any(len(t) for t in part.test) or any(len(v) for v in part.val)))
     run.executor = choose_executor(run)
     if world.size > 1:
         run.executor = ShardedExecutor(run.executor, world)
