@@ -32,10 +32,16 @@ def assert_same(a_dir, b_dir):
             assert torch.equal(x, y)
         else:
             assert x == y
-    strip = [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
-             for r in read_jsonl(a_dir / "metrics.jsonl")]
-    assert strip == [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
-                     for r in read_jsonl(b_dir / "metrics.jsonl")]  # same bytes, loss, accuracy every round
+    rows_a, rows_b = (read_jsonl(d / "metrics.jsonl") for d in (a_dir, b_dir))
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b, strict=True):  # same bytes exactly; loss and accuracy to float64 rounding
+        keys = {k for k in ra if not k.startswith(("time/", "throughput/"))}
+        assert keys == {k for k in rb if not k.startswith(("time/", "throughput/"))}
+        for k in keys:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-10, abs=1e-12), k
+            else:
+                assert ra[k] == rb[k], k
 
 
 @pytest.mark.parametrize("method,executor", [("fedavg", "batched"), ("scaffold", "sequential"),

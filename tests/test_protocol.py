@@ -171,5 +171,5 @@ def test_an_unknown_method_key_on_the_command_line_is_one_line(tmp_path):
     proc = run_cli(["dataset=digits", "backbone=logreg", "method=fedprox", "method.muu=1"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fedbench: error:")]
-    assert errors == ["fedbench: error: method.muu: unknown key; allowed: momentum, mu, name, server_lr, "
+    assert errors == ["fedbench: error: method.muu: unknown key; allowed: bn, momentum, mu, name, server_lr, "
                       "server_momentum, weight_decay"], proc.stderr

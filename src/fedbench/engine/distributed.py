@@ -1,8 +1,9 @@
 """One run over several processes: the round's cohort is sharded over the ranks (torch.distributed, gloo on
-CPU, NCCL on GPU); each rank runs its share with the same per-client code and executor, the stacked
-uplinks and client states are all-gathered in cohort order, and every rank then runs the identical server
-step. Results equal one process's (same seeds per (seed, round, client)); rank 0 alone evaluates, logs
-and checkpoints.
+CPU, NCCL on GPU); each rank runs its share with the same per-client code and executor. Client states and
+losses are all-gathered in cohort order; the uplinks are all-reduced as additive shares of what the server
+reduces them to (one model-sized message per rank, where the method aggregates by weighted means) or else
+all-gathered, and every rank then runs the identical server step. Results equal one process's (same seeds
+per (seed, round, client)); rank 0 alone evaluates, logs and checkpoints.
 
 Started by `hardware.workers=N` (fedbench spawns ranks 1..N-1 itself), by `torchrun`, or by SLURM with
 several tasks per job (`hydra/launcher=slurm hydra.launcher.tasks_per_node=N`).
@@ -110,8 +111,42 @@ def all_gather_rows(tree: Tree, counts: list[int], world: World) -> Tree:
     return tree_unflatten(out, spec)
 
 
+def all_sum(tree: Tree, world: World) -> Tree:
+    """Element-wise sum over the ranks of every leaf, one all-reduce per dtype (leaves flattened together)."""
+    leaves, spec = tree_flatten(tree)
+    out: list[torch.Tensor | None] = [None] * len(leaves)
+    for dtype in {t.dtype for t in leaves}:
+        idx = [i for i, t in enumerate(leaves) if t.dtype == dtype]
+        flat = torch.cat([leaves[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat)
+        for i, part in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
+            out[i] = part.view(leaves[i].shape)
+    return tree_unflatten(out, spec)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's rows of the round's cohort, and how to combine per-rank values."""
+
+    rows: slice
+    counts: tuple[int, ...]
+    world: World
+
+    def gather(self, tree: Tree) -> Tree:
+        return all_gather_rows(tree, list(self.counts), self.world)
+
+    def sum(self, tree: Tree) -> Tree:
+        return all_sum(tree, self.world)
+
+    def sum_int(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
 class ShardedExecutor:
-    """Runs this rank's share of the cohort with `inner`, then gathers the whole cohort's results."""
+    """Runs this rank's share of the cohort with `inner`; gathers the cohort's client states and losses and
+    returns this rank's uplinks with the Shard that combines them (`run_round` reduces or gathers them)."""
 
     def __init__(self, inner: Any, world: World):
         self.inner, self.world = inner, world
@@ -122,14 +157,16 @@ class ShardedExecutor:
         from fedbench.engine.executors import RoundResult
 
         n = len(client_ids)
-        counts = [len(range(*shard_rows(n, World(r, self.world.size)).indices(n))) for r in range(self.world.size)]
+        counts = tuple(len(range(*shard_rows(n, World(r, self.world.size)).indices(n)))
+                       for r in range(self.world.size))
         rows = shard_rows(n, self.world)
-        if counts[self.world.rank] == 0:  # more ranks than clients: compute client 0 and send nothing
-            rows = slice(0, 1)
-        res = self.inner.run(fns, down, tree_index(cstates, rows), client_ids[rows], view, slice_schedule(sched, rows))
         keep = counts[self.world.rank]
-        mine = {"up": res.uplink, "cs": res.client_states, "loss": res.loss}
-        mine = {k: tree_index(v, slice(0, keep)) for k, v in mine.items()}
-        full = all_gather_rows(mine, counts, self.world)
+        run_rows = rows if keep else slice(0, 1)  # more ranks than clients: compute client 0, send nothing
+        res = self.inner.run(fns, down, tree_index(cstates, run_rows), client_ids[run_rows], view,
+                             slice_schedule(sched, run_rows))
+        kept = {k: tree_index(v, slice(0, keep)) for k, v in (("up", res.uplink), ("cs", res.client_states),
+                                                               ("loss", res.loss))}
+        shard = Shard(rows, counts, self.world)
+        full = shard.gather({"cs": kept["cs"], "loss": kept["loss"]})
         samples = int(sched.weight.sum().item())
-        return RoundResult(full["up"], full["cs"], full["loss"], samples)
+        return RoundResult(kept["up"], full["cs"], full["loss"], samples, shard)

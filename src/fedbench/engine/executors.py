@@ -27,6 +27,7 @@ class RoundResult:
     client_states: Tree     # new persistent client state of the cohort, stacked [K, ...]
     loss: torch.Tensor      # [K] mean local training loss
     samples: int            # training samples processed (for throughput)
+    shard: Any = None       # a Shard when this process ran only its rows of the cohort (uplink = those rows)
 
 
 def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int,
@@ -44,14 +45,34 @@ def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int,
     return batch
 
 
+class CompiledSteps:
+    """torch.compile'd step functions, one graph per step function (bound methods compare equal across
+    rounds); recompiles only when shapes change. Off: the function itself."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._compiled: dict[Any, Any] = {}
+
+    def get(self, key: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not self.enabled:
+            return fn
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, dynamic=False)
+        return self._compiled[key]
+
+
 class SequentialExecutor:
     name = "sequential"
+
+    def __init__(self, compile: bool = False):
+        self.steps = CompiledSteps(compile)
 
     def run(self, fns: ClientFns, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
             sched: BatchSchedule) -> RoundResult:
         ups, news, losses = [], [], []
         progress = fns.needs_progress
         host_mask = sched.host_mask()
+        step = self.steps.get(fns.step, fns.step)
         for k in range(len(client_ids)):
             cs = tree_index(cstates, k)
             local = fns.init(down, cs, client_ids[k])
@@ -60,7 +81,7 @@ class SequentialExecutor:
             for s in range(sched.steps):
                 if not host_mask[k, s]:
                     continue
-                local, loss = fns.step(local, down, _gather(view, sched, k, s, progress))
+                local, loss = step(local, down, _gather(view, sched, k, s, progress))
                 total = total + loss
                 n_steps += 1
             up, new_cs = fns.final(local, down, cs)
@@ -77,18 +98,10 @@ class BatchedExecutor:
 
     def __init__(self, chunk_size: int | None = None, compile: bool = False):
         self.chunk_size = chunk_size
-        self.compile = compile
-        self._compiled: dict[int, Any] = {}
+        self.steps = CompiledSteps(compile)
 
     def _step_fn(self, fns: ClientFns):
-        step = vmap(fns.step, in_dims=(0, None, 0))
-        if not self.compile:
-            return step
-        # one compiled graph per step function (bound methods compare equal across rounds);
-        # recompiles only when shapes change
-        if fns.step not in self._compiled:
-            self._compiled[fns.step] = torch.compile(step, dynamic=False)
-        return self._compiled[fns.step]
+        return self.steps.get(fns.step, vmap(fns.step, in_dims=(0, None, 0)))
 
     def run(self, fns: ClientFns, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
             sched: BatchSchedule) -> RoundResult:
@@ -138,14 +151,14 @@ def pick_executor(requested: str, method: Method, model: torch.nn.Module | None,
     """
     if requested == "sequential" or not method.batchable:
         why = "requested" if requested == "sequential" else f"method {method.name} is sequential-only"
-        return SequentialExecutor(), why
+        return SequentialExecutor(compile), why
     if requested == "batched":
         return BatchedExecutor(chunk_size, compile), "requested"
     if policy == "timed" and trial is not None:
         import time
 
         timings = {}
-        candidates = [SequentialExecutor(), BatchedExecutor(chunk_size, compile)]
+        candidates = [SequentialExecutor(compile), BatchedExecutor(chunk_size, compile)]
         for ex in candidates:
             trial(ex)  # warm-up (and compilation)
             t0 = time.perf_counter()
@@ -156,10 +169,11 @@ def pick_executor(requested: str, method: Method, model: torch.nn.Module | None,
         best = min(candidates, key=lambda e: timings[e.name])
         return best, "auto (timed one round: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()) + ")"
     if method.prefers_sequential:
-        return SequentialExecutor(), f"auto: method {method.name} (padding to the longest client would waste compute)"
+        return (SequentialExecutor(compile),
+                f"auto: method {method.name} (padding to the longest client would waste compute)")
     has_conv = model is not None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if device.type == "cuda":
         return BatchedExecutor(chunk_size, compile), "auto: CUDA device"
     if has_conv:
-        return SequentialExecutor(), "auto: conv net on CPU (compute-bound, vmap measured slower)"
+        return SequentialExecutor(compile), "auto: conv net on CPU (compute-bound, vmap measured slower)"
     return BatchedExecutor(chunk_size, compile), "auto: dense model on CPU (per-step overhead dominates)"

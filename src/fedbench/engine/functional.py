@@ -59,15 +59,22 @@ def tree_where(mask: torch.Tensor, new: Tree, old: Tree) -> Tree:
 
 def weighted_mean(stacked: Tree, weights: torch.Tensor) -> Tree:
     """Weighted mean over the leading client dim; weights need not be normalised."""
-    w = weights / weights.sum()
+    return mean_share(stacked, weights, weights.sum(), first=True)
 
-    def avg(t: torch.Tensor) -> torch.Tensor:
+
+def mean_share(stacked: Tree, weights: torch.Tensor, total: torch.Tensor, first: bool) -> Tree:
+    """One shard's additive share of a weighted mean over the whole cohort: sum_k (w_k / total) x_k over
+    the shard's clients, so the shares of disjoint shards sum to the mean. Non-float leaves (counters) are
+    taken from the cohort's first client: the shard holding it (`first`) carries them, the others 0."""
+    w = weights / total
+
+    def share(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
-            return t[0]
+            return t[0] if first else t.new_zeros(t.shape[1:])
         # a GEMV over the client dim: one pass, no [K, ...] temporary
         return torch.tensordot(w.to(t.dtype), t, dims=1)
 
-    return tree_map(avg, stacked)
+    return tree_map(share, stacked)
 
 
 def tree_stack(trees: list[Tree]) -> Tree:

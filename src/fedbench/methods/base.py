@@ -18,7 +18,16 @@ Optional, with the defaults below (override what the method needs; nothing is pr
     init_client_states(gstate, n_clients) -> persistent per-client state, a tree stacked [N, ...]
     client_fns(round_ctx)       the three client functions of a round (bind static round facts here)
     uplink(stacked_up)          -> uplink Payload (encodings for byte counting)
+    personalize(gstate, cohort_states, up, ctx) -> (cohort_states, Payload | None): the server's change to
+                                the cohort's client states after aggregation (FedPAC's classifier
+                                combination); the payload is what that sends each client (downlink bytes)
+    uplink_share(up, ctx, rows) -> the additive share of clients `rows` in what aggregate reduces the
+                                uplink to (weighted means); with `aggregate_shares(gstate, reduced, ctx)`
+                                it lets a sharded round all-reduce one model-sized message per rank
+                                instead of gathering every client's uplink (flag `aggregates_by_shares`)
     check_run(run)              run-level requirements (rounds, participation, ...), ConfigError if unmet
+    local_epochs(configured)    local epochs per round (default: the run's `local_epochs`; FedRep's own
+                                head + body epochs)
     should_evaluate(round, due) evaluate on this round? (default: `due`, from eval_every)
     predict(gstate, x)          the global model's outputs (default: the backbone with eval_state)
     personal_params(gstate, client_state, x_train, y_train) -> the (params, buffers) a client predicts
@@ -26,6 +35,7 @@ Optional, with the defaults below (override what the method needs; nothing is pr
     gated_final(gstate)         the sparsified tensors (density, TDR); None: the method does not sparsify
     expected_density(gstate)    mean P(gate open); None where it does not apply
 Declared flags: batchable, prefers_sequential, uses_backbone, has_global_model, reports_train_loss,
+aggregates_by_shares (True only where `aggregate` is exactly `aggregate_shares` of the whole cohort's share),
 noise_dim (> 0: batch["noise"] holds uniform numbers of that size per step from the client's seeded
 generator, so executors agree and a resumed run redraws them).
 
@@ -43,7 +53,7 @@ from torch.func import functional_call, grad
 from torch.utils._pytree import tree_map
 
 from fedbench.config import MethodConfig
-from fedbench.engine.functional import weighted_mean
+from fedbench.engine.functional import mean_share
 from fedbench.engine.protocol import ClientFns, RoundContext, RunContext, Tensors
 from fedbench.errors import ConfigError
 from fedbench.metrics.comm import Payload
@@ -68,6 +78,7 @@ class Method:
     has_global_model = True    # False: accuracy is only meaningful per client (personal/*)
     reports_train_loss = True
     noise_dim = 0              # > 0: uniform noise of this size per local step in batch["noise"]
+    aggregates_by_shares = False  # aggregate == aggregate_shares(uplink_share(whole cohort)); set per class
 
     def __init__(self, config: MethodConfig | None = None):
         self.cfg = config if config is not None else self.Config(name=self.name)
@@ -86,6 +97,9 @@ class Method:
     def check_run(self, run: RunSpec) -> None:
         return None
 
+    def local_epochs(self, configured: int) -> int:
+        return configured
+
     # ---- server side ------------------------------------------------------------------------
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
         return {"params": params, "buffers": buffers}
@@ -102,6 +116,17 @@ class Method:
     def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
                   ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         raise NotImplementedError
+
+    def personalize(self, gstate: dict[str, Any], cohort_states: Any, up: dict[str, Any],
+                    ctx: RoundContext) -> tuple[Any, Payload | None]:
+        return cohort_states, None
+
+    def uplink_share(self, up: dict[str, Any], ctx: RoundContext, rows: slice) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.name} aggregates every client's uplink")
+
+    def aggregate_shares(self, gstate: dict[str, Any], reduced: dict[str, Any],
+                         ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        raise NotImplementedError(f"{self.name} aggregates every client's uplink")
 
     # ---- client side (one client; batchable) -------------------------------------------------
     def client_fns(self, ctx: RoundContext) -> ClientFns:
@@ -152,8 +177,12 @@ class LocalSGDConfig(MethodConfig):
     weight_decay: float = 0.0
     server_lr: float = 1.0
     server_momentum: float = 0.0   # > 0: FedAvgM
+    bn: str = "batch"              # BatchNorm in local training: batch statistics (updated) | frozen (the
+                                   # starting statistics, never updated: FedSQ's default, a control for it)
 
     def __post_init__(self) -> None:
+        if self.bn not in ("batch", "frozen"):
+            raise ConfigError(f"method.bn={self.bn!r}: allowed: batch, frozen")
         for key, value in (("momentum", self.momentum), ("server_momentum", self.server_momentum)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"method.{key}={value}: must be in [0, 1)")
@@ -170,6 +199,11 @@ class LocalSGDMethod(Method):
     """
 
     Config = LocalSGDConfig
+
+    def setup(self, ctx: RunContext) -> None:
+        super().setup(ctx)
+        if self.cfg.bn == "frozen" and self.model is not None:
+            self.model.eval()  # BatchNorm normalises with, and keeps, the starting running statistics
 
     # ---- server --------------------------------------------------------------------------
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
@@ -194,10 +228,19 @@ class LocalSGDMethod(Method):
 
     def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
                   ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        mean_params = weighted_mean(up["params"], ctx.sizes)
-        delta = {k: mean_params[k] - gstate["params"][k] for k in mean_params}
+        return self.aggregate_shares(gstate, self.uplink_share(up, ctx, slice(0, len(ctx.cohort))), ctx)
+
+    def uplink_share(self, up: dict[str, Any], ctx: RoundContext, rows: slice) -> dict[str, Any]:
+        """Clients `rows`' share of the n_k-weighted mean model and buffers."""
+        w, total, first = ctx.sizes[rows], ctx.sizes.sum(), rows.start == 0 and rows.stop > rows.start
+        return {"params": mean_share(up["params"], w, total, first),
+                "buffers": mean_share(up["buffers"], w, total, first)}
+
+    def aggregate_shares(self, gstate: dict[str, Any], reduced: dict[str, Any],
+                         ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        delta = {k: reduced["params"][k] - gstate["params"][k] for k in reduced["params"]}
         new = self.server_apply(gstate, delta)
-        new["buffers"] = weighted_mean(up["buffers"], ctx.sizes)
+        new["buffers"] = reduced["buffers"]
         return new, {}
 
     # ---- client --------------------------------------------------------------------------

@@ -7,3 +7,4 @@ from fedbench.registry import register
 @register("method", "fedavg")
 class FedAvg(LocalSGDMethod):
     name = "fedavg"
+    aggregates_by_shares = True

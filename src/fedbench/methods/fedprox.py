@@ -16,6 +16,7 @@ class FedProxConfig(LocalSGDConfig):
     mu: float = 0.01   # weight of the proximal term
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mu < 0:
             raise ConfigError(f"method.mu={self.mu}: must be >= 0")
 
@@ -24,6 +25,7 @@ class FedProxConfig(LocalSGDConfig):
 class FedProx(LocalSGDMethod):
     name = "fedprox"
     Config = FedProxConfig
+    aggregates_by_shares = True
 
     def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
         mu = self.cfg.mu

@@ -45,8 +45,6 @@ class FedSQConfig(LocalSGDConfig):
         bad = set(self.gates) - {"relu", "relu6"}
         if bad:
             raise ConfigError(f"method.gates={sorted(bad)}: allowed: relu, relu6")
-        if self.bn not in ("frozen", "batch"):
-            raise ConfigError(f"method.bn={self.bn}: allowed: frozen, batch")
 
 
 @register("method", "fedsq")
@@ -72,8 +70,6 @@ class FedSQ(LocalSGDMethod):
         self.gates = install_gates(self.model, self.cfg.gates, max_pool=self.cfg.max_pool_gating)
         if not self.gates:
             raise ConfigError(f"method=fedsq: the backbone has no {' / '.join(self.cfg.gates)} activations to gate")
-        if self.cfg.bn == "frozen":
-            self.model.eval()  # quantitative BatchNorm keeps the pretrained statistics
         # the structural copy: the parameters the run starts from (the warm start), frozen
         self.struct = ({k: v.detach().clone() for k, v in ctx.params.items()},
                        {k: v.detach().clone() for k, v in ctx.buffers.items()})

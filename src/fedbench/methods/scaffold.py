@@ -2,24 +2,44 @@
 
 Downlink: model + server control variate c. Uplink: model delta + control-variate delta.
 Per-client control variates c_i are one stacked tensor per parameter, client state {"c": {name: [N, ...]}}.
+
+Server step as Algorithm 1: x += lr_g * mean_S(delta y_i), c += (|S|/N) * mean_S(delta c_i), both plain
+means (`weighting: uniform`, the default); `weighting: samples` weights the model deltas (and BatchNorm
+buffers) by the clients' training-set sizes, as FedAvg does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from fedbench.engine.functional import weighted_mean
+from fedbench.engine.functional import mean_share
 from fedbench.engine.protocol import RoundContext
-from fedbench.methods.base import LocalSGDMethod, Tensors
+from fedbench.errors import ConfigError
+from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
+
+WEIGHTINGS = ("uniform", "samples")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaffoldConfig(LocalSGDConfig):
+    weighting: str = "uniform"   # uniform: Algorithm 1's plain mean of model deltas; samples: weighted by n_k
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"method.weighting={self.weighting!r}: allowed: {', '.join(WEIGHTINGS)}")
 
 
 @register("method", "scaffold")
 class Scaffold(LocalSGDMethod):
     name = "scaffold"
+    Config = ScaffoldConfig
+    aggregates_by_shares = True
 
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
         state = super().init_global(params, buffers)
@@ -51,13 +71,20 @@ class Scaffold(LocalSGDMethod):
         }
         return up, {"c": c_new}
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
-                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        delta_y = weighted_mean(up["delta_y"], ctx.sizes)
-        new = self.server_apply(gstate, delta_y)
+    def uplink_share(self, up: dict[str, Any], ctx: RoundContext, rows: slice) -> dict[str, Any]:
+        k = len(ctx.cohort)
+        ones = torch.ones(k, dtype=ctx.sizes.dtype, device=ctx.sizes.device)
+        weights = ones if self.cfg.weighting == "uniform" else ctx.sizes
+        w, first = weights[rows], rows.start == 0 and rows.stop > rows.start
+        return {"delta_y": mean_share(up["delta_y"], w, weights.sum(), first),
+                "delta_c": mean_share(up["delta_c"], ones[rows], ones.sum(), first),
+                "buffers": mean_share(up["buffers"], w, weights.sum(), first)}
+
+    def aggregate_shares(self, gstate: dict[str, Any], reduced: dict[str, Any],
+                         ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        new = self.server_apply(gstate, reduced["delta_y"])
         # c = mean over ALL clients of c_i, kept incrementally: c += (|S|/N) * mean_S(delta c_i)
         frac = len(ctx.cohort) / ctx.n_clients
-        mean_dc = {k: v.mean(0) for k, v in up["delta_c"].items()}
-        new["c"] = {k: gstate["c"][k] + frac * mean_dc[k] for k in gstate["c"]}
-        new["buffers"] = weighted_mean(up["buffers"], ctx.sizes)
+        new["c"] = {k: gstate["c"][k] + frac * reduced["delta_c"][k] for k in gstate["c"]}
+        new["buffers"] = reduced["buffers"]
         return new, {}

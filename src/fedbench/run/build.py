@@ -76,7 +76,8 @@ class Run:
         """The round's cohort and batch schedule, drawn from (seed, round, client) only."""
         cfg, seed = self.cfg, int(self.cfg.seed)
         cohort_np = sample_cohort(seed, r, self.view.num_clients, float(cfg.participation))
-        sched = make_schedule(self.view, cohort_np, seed, r, int(cfg.batch_size), int(cfg.local_epochs),
+        sched = make_schedule(self.view, cohort_np, seed, r, int(cfg.batch_size),
+                              self.method.local_epochs(int(cfg.local_epochs)),
                               cfg.local_steps, self.dtype, self.device, self.method.noise_dim)
         cohort = torch.as_tensor(cohort_np, device=self.device)
         return RoundContext(r, cohort, self.sizes[cohort], self.view.num_clients, self.rounds), sched

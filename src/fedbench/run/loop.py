@@ -17,7 +17,7 @@ from fedbench.errors import ConfigError, DivergedError, Preempted
 from fedbench.metrics.comm import payload_bytes
 
 if TYPE_CHECKING:
-    from fedbench.engine.executors import Executor
+    from fedbench.engine.executors import Executor, RoundResult
     from fedbench.methods.base import Method
     from fedbench.run.build import Run
     from fedbench.run.callbacks import Callback
@@ -41,9 +41,30 @@ def run_round(method: Method, executor: Executor, gstate: dict[str, Any], cstate
     down = method.broadcast(gstate, ctx)
     res = executor.run(method.client_fns(ctx), down.tensors, tree_index(cstates, ctx.cohort), ctx.cohort, view,
                        sched)
-    new_gstate, metrics = method.aggregate(gstate, res.uplink, ctx)
-    return RoundOutput(new_gstate, res.client_states, res.loss, res.samples,
-                       payload_bytes(method.uplink(res.uplink)), payload_bytes(down) * len(ctx.cohort), metrics)
+    new_gstate, metrics, bytes_up, up = server_step(method, gstate, res, ctx)
+    bytes_down = payload_bytes(down) * len(ctx.cohort)
+    client_states = res.client_states
+    if up is not None:  # the server may change the cohort's client states (sent to each of them)
+        client_states, sent = method.personalize(new_gstate, client_states, up, ctx)
+        bytes_down += payload_bytes(sent) if sent is not None else 0
+    return RoundOutput(new_gstate, client_states, res.loss, res.samples, bytes_up, bytes_down, metrics)
+
+
+def server_step(method: Method, gstate: dict[str, Any], res: RoundResult,
+                ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any], int, dict[str, Any] | None]:
+    """(new global state, the method's metrics, uplink bytes, the cohort's uplinks or None when reduced).
+    A cohort sharded over ranks (`res.shard`): a method that aggregates by weighted means gets the ranks'
+    shares summed (one model-sized all-reduce), any other every client's uplink gathered in cohort order;
+    bytes are counted per rank and summed."""
+    shard = res.shard
+    if shard is None:
+        return (*method.aggregate(gstate, res.uplink, ctx), payload_bytes(method.uplink(res.uplink)), res.uplink)
+    bytes_up = shard.sum_int(payload_bytes(method.uplink(res.uplink)))
+    if method.aggregates_by_shares:
+        reduced = shard.sum(method.uplink_share(res.uplink, ctx, shard.rows))
+        return (*method.aggregate_shares(gstate, reduced, ctx), bytes_up, None)
+    up = shard.gather(res.uplink)
+    return (*method.aggregate(gstate, up, ctx), bytes_up, up)
 
 
 def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
