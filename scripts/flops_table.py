@@ -4,16 +4,21 @@
 Part A, the paper's first experiment shape: sparse linear regression, d = 1000 features, 10 clients x 500
 samples, SNR 20, feature correlation 0.2, true density = target density = 0.05, iid and heterogeneous
 clients (Dirichlet 0.1 over target quantiles). Part B: the FedAvg CNN on mnist5k at target densities 0.05
-and 0.005, FLoPS next to FedAvg-then-prune. Writes Markdown + JSON tables under benchmarks/flops/.
+and 0.005, FLoPS next to FedAvg-then-prune. Part C: ablations of FLoPS's reconstructed rules on sparse
+linear and logistic regression (d = 1000, iid and heterogeneous, 3 seeds, densities 0.05 and 0.01):
+rank_by {saliency, log_alpha} x project {final, never} x gate scaling {from round 100, none}, next to
+Fed-HT and FedIter-HT; mean +- std over seeds. Writes Markdown tables under benchmarks/flops/.
 
-    python scripts/flops_table.py                 # both parts (about 15 minutes on 2 CPU cores)
-    python scripts/flops_table.py --parts A
+    python scripts/flops_table.py                 # parts A and B (about 15 minutes on 2 CPU cores)
+    python scripts/flops_table.py --parts C       # the ablation table (about 25 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -87,9 +92,70 @@ def part_b(out: Path, densities: list[float]) -> list[str]:
     return lines
 
 
+ABLATION_DATA = {
+    "linear": ["dataset=synthetic_linear", "rounds=300", "batch_size=64"],
+    "logistic": ["dataset=synthetic_logistic", "dataset.d=1000", "dataset.n=7143", "rounds=300", "batch_size=64"],
+}
+ABLATION_PARTITIONS = {"iid": ["partition=iid"],
+                       "heterogeneous": ["partition=dirichlet", "partition.alpha=0.1", "partition.min_samples=50",
+                                         "partition.balance=true"]}
+BASELINES = {"Fed-HT": ["method=fedht", "local_steps=10", "lr=0.01"],
+             "FedIter-HT": ["method=fediterht", "local_steps=10", "lr=0.01"]}
+
+
+def ablation_variants() -> dict[str, list[str]]:
+    out = {}
+    for rank_by, project, scaling in itertools.product(("saliency", "log_alpha"), ("final", "never"),
+                                                       ("scale from 100", "no scaling")):
+        start = "method.prune_start=100" if scaling == "scale from 100" else "method.prune_start=null"
+        out[f"FLoPS rank_by={rank_by} project={project} {scaling}"] = [
+            "method=flops", "local_steps=1", start, f"method.rank_by={rank_by}", f"method.project={project}"]
+    return {**out, **BASELINES}
+
+
+def mean_std(values: list[float | None], spec: str = ".3f") -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{format(statistics.mean(vals), spec)} ± {format(sd, spec)}"
+
+
+def part_c(out: Path, seeds: list[int], densities: list[float]) -> list[str]:
+    lines = ["## C. FLoPS ablations (d=1000, 10 clients, true density = target density, 300 rounds; "
+             f"mean ± std over seeds {seeds})", "",
+             "| data | clients | density | variant | TDR | density reached | test R^2 / acc | runs ok |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    results = []
+    for (dname, dov), (pname, pov), rho in itertools.product(ABLATION_DATA.items(), ABLATION_PARTITIONS.items(),
+                                                              densities):
+        for vname, vov in ablation_variants().items():
+            runs = []
+            for seed in seeds:
+                tag = f"C-{dname}-{pname}-{rho}-{vname.replace(' ', '_').replace('=', '-')}-s{seed}"
+                ov = COMMON + ["backbone=logreg", "clients=10"] + dov + pov + vov + [
+                    f"method.target_density={rho}", f"dataset.true_density={rho}", f"seed={seed}",
+                    f"dataset.generator_seed={seed}"]
+                runs.append(run(tag, ov, out / "ablation-runs"))
+            ok = [r for r in runs if r.get("status") == "completed"]
+            metric = "final/test_r2" if dname == "linear" else "final/test_acc"
+            row = {"data": dname, "clients": pname, "density": rho, "variant": vname,
+                   "tdr": [r.get("sparsity/tdr") for r in ok],
+                   "density_reached": [r.get("sparsity/density") for r in ok],
+                   "quality": [r.get(metric) for r in ok], "ok": len(ok), "n": len(runs)}
+            results.append(row)
+            lines.append(f"| {dname} | {pname} | {rho} | {vname} | {mean_std(row['tdr'])} | "
+                         f"{mean_std(row['density_reached'], '.4f')} | {mean_std(row['quality'])} | "
+                         f"{len(ok)}/{len(runs)} |")
+    (out / "ablation.json").write_text(json.dumps(results, indent=1) + "\n")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["A", "B"], choices=["A", "B"])
+    ap.add_argument("--parts", nargs="+", default=["A", "B"], choices=["A", "B", "C"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--ablation-densities", nargs="+", type=float, default=[0.05, 0.01])
     ap.add_argument("--coefs", nargs="+", default=["sign", "normal"])
     ap.add_argument("--densities", nargs="+", type=float, default=[0.05, 0.005])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/flops"))
@@ -98,7 +164,9 @@ def main() -> None:
     if "A" in a.parts:
         lines += part_a(a.out, a.coefs) + [""]
     if "B" in a.parts:
-        lines += part_b(a.out, a.densities)
+        lines += part_b(a.out, a.densities) + [""]
+    if "C" in a.parts:
+        lines += part_c(a.out, a.seeds, a.ablation_densities)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"table-{''.join(a.parts)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -12,7 +12,7 @@ from fedbench.experiment import run_experiment
 from fedbench.methods.deepafl import DeepAFL
 
 SMALL = ["dataset=digits", "logger=local", "progress=false", "hardware=cpu", "hardware.dtype=float64",
-         "batch_size=37"]
+         "batch_size=37", "method.payload_dtype=float64"]  # a float64 payload: the invariances are exact
 DEEP = ["method=deepafl_small", "method.T=2", "method.h=24", "method.f=20", "rounds=5"]
 
 PARTITIONS = {
@@ -74,7 +74,7 @@ def test_deepafl_identical_for_any_partition_and_equal_to_centralised(tmp_path):
 
 
 def test_afl_identical_for_any_partition_and_equal_to_centralised(tmp_path):
-    models = {name: final_model(tmp_path / name, ["method=afl", "method.ridge=0.5"] + ov)
+    models = {name: final_model(tmp_path / name, ["method=afl", "method.ridge=0.5", "method.ri=false"] + ov)
               for name, ov in PARTITIONS.items()}
     ds = load_digits(compose_cfg(["dataset=digits"]).dataset)
     x = ds.x_train.reshape(len(ds.x_train), -1).double()
@@ -91,10 +91,34 @@ def test_batched_executor_gives_the_same_deepafl(tmp_path):
         assert (a["W"][n] - b["W"][n]).abs().max() <= 1e-8
 
 
+def test_afl_ri_is_the_unregularised_joint_least_squares(tmp_path):
+    # ri (default): the ridge clients use is removed after aggregation -> argmin ||Y - X W||, min-norm
+    g = final_model(tmp_path, ["method=afl", "method.ridge=5", "partition=dirichlet", "partition.alpha=0.1",
+                               "clients=10", "partition.min_samples=1"])
+    ds = load_digits(compose_cfg(["dataset=digits"]).dataset)
+    x = ds.x_train.reshape(len(ds.x_train), -1).double()
+    y = F.one_hot(ds.y_train, 10).double()
+    W = torch.linalg.pinv(x) @ y  # some pixels are always 0: X^T X is singular, the pseudo-inverse is min-norm
+    assert (g["W"] - W).abs().max() <= 1e-8
+    assert (g["W"] - torch.linalg.solve(x.T @ x + 5 * torch.eye(64, dtype=torch.float64), x.T @ y)).abs().max() > 1e-3
+
+
+def test_deepafl_random_maps_are_nn_linear_layers():
+    m = make_method(DeepAFL, {"T": 2, "h": 24, "f": 20, "random_seed": 7}, in_features=64)
+    maps = m.random_maps("cpu")
+    torch.manual_seed(7)  # the official code's layers: nn.Linear, default init, in this order
+    layers = [torch.nn.Linear(64, 24), torch.nn.Linear(24, 20), torch.nn.Linear(24, 20)]
+    for (w, b), layer in zip([("A0", "a0"), ("B0", "b0"), ("B1", "b1")], layers, strict=True):
+        assert torch.equal(maps[w], layer.weight.detach().T.double())
+        assert torch.equal(maps[b], layer.bias.detach().double())
+    bound = 1 / 64 ** 0.5
+    assert maps["A0"].abs().max() <= bound and abs(float(maps["A0"].var()) - bound ** 2 / 3) < 0.05 * bound ** 2 / 3
+
+
 @pytest.mark.parametrize("dtype,size", [("float64", 8), ("float32", 4)])
 def test_deepafl_rounds_and_bytes(tmp_path, dtype, size):
     h, f, C, K = 24, 20, 10, 10
-    s = run_experiment(compose_cfg(SMALL + DEEP + PARTITIONS["iid-10"] + [f"method.stats_dtype={dtype}"]), tmp_path)
+    s = run_experiment(compose_cfg(SMALL + DEEP + PARTITIONS["iid-10"] + [f"method.payload_dtype={dtype}"]), tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert len(rows) == 2 * 2 + 1 == s["rounds"]
     classifier = [r for r in rows if r["analytic/phase"] == "classifier"]

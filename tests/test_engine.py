@@ -142,3 +142,73 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path, tiny):
     again = run_experiment(compose_cfg(tiny + ["rounds=3"]), tmp_path)  # e.g. a restarted sweep
     assert again == first and (tmp_path / "metrics.jsonl").read_text() == rows
     assert again["final/test_acc"] is not None
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "samples"])
+def test_scaffold_is_algorithm_1_on_unequal_clients(tmp_path, tiny, weighting):
+    """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1, option II) written here on the run's own data,
+    split and starting model: full-batch local steps (batch >= every client), 3 rounds, 5 of 10 clients."""
+    import torch.nn.functional as F
+
+    from fedbench.data.clients import sample_cohort
+    from fedbench.run.build import build_run
+
+    cfg = compose_cfg(tiny + ["method=scaffold", f"method.weighting={weighting}", "hardware.dtype=float64",
+                              "partition=iid", "partition.quantity_skew=1.0", "batch_size=1797", "local_epochs=3",
+                              "rounds=3", "lr=0.2"])
+    (tmp_path / "oracle").mkdir()
+    run = build_run(cfg, tmp_path / "oracle")
+    x_all, y_all = run.view.x, run.view.y
+    data = [(x_all[torch.as_tensor(run.view.ids[run.view.offsets[i]:run.view.offsets[i + 1]])],
+             y_all[torch.as_tensor(run.view.ids[run.view.offsets[i]:run.view.offsets[i + 1]])])
+            for i in range(10)]
+    sizes = torch.tensor([len(d[1]) for d in data], dtype=torch.float64)
+    assert sizes.max() > 2 * sizes.min()  # unequal clients
+    x = {k: v.clone() for k, v in run.state.gstate["params"].items()}
+    c = {k: torch.zeros_like(v) for k, v in x.items()}
+    c_i = [{k: torch.zeros_like(v) for k, v in x.items()} for _ in range(10)]
+    eta, steps = 0.2, 3
+
+    def grad_of(params, xb, yb):
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = F.cross_entropy(torch.func.functional_call(run.model, (p, run.state.gstate["buffers"]), (xb,)), yb)
+        return dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
+
+    for r in range(1, 4):
+        cohort = sample_cohort(0, r, 10, 0.5)
+        dys, dcs = [], []
+        for i in cohort:
+            y = {k: v.clone() for k, v in x.items()}
+            for _ in range(steps):
+                g = grad_of(y, *data[i])
+                y = {k: y[k] - eta * (g[k] - c_i[i][k] + c[k]) for k in y}
+            new_ci = {k: c_i[i][k] - c[k] + (x[k] - y[k]) / (steps * eta) for k in x}
+            dys.append({k: y[k] - x[k] for k in x})
+            dcs.append({k: new_ci[k] - c_i[i][k] for k in x})
+            c_i[i] = new_ci
+        w = torch.ones(len(cohort), dtype=torch.float64) if weighting == "uniform" else sizes[cohort]
+        w = w / w.sum()
+        x = {k: x[k] + sum(w[j] * dys[j][k] for j in range(len(cohort))) for k in x}
+        c = {k: c[k] + len(cohort) / 10 * sum(d[k] for d in dcs) / len(cohort) for k in c}
+    run_experiment(cfg, tmp_path / "run")
+    got, ckpt = final_params(tmp_path / "run")
+    for k in x:
+        torch.testing.assert_close(got[k], x[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ckpt["gstate"]["c"][k], c[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_bn_frozen_keeps_the_starting_statistics_for_any_gradient_method(tmp_path, method):
+    """The FedSQ control: `method.bn=frozen` trains with the starting BatchNorm statistics and never
+    updates them (FedSQ's default); `batch` (the default elsewhere) uses and updates batch statistics."""
+    base = ["dataset=digits", "backbone=resnet18", "backbone.norm=batch", "clients=4", "rounds=1",
+            "participation=1.0", "local_steps=2", "batch_size=8", "logger=local", "progress=false",
+            "hardware=cpu", f"method={method}"]
+    out = {}
+    for bn in ("frozen", "batch"):
+        run_experiment(compose_cfg(base + [f"method.bn={bn}"]), tmp_path / bn)
+        out[bn] = torch.load(tmp_path / bn / "checkpoint.pt", weights_only=True)["gstate"]
+    mean = "body.1.running_mean"
+    assert torch.equal(out["frozen"]["buffers"][mean], torch.zeros_like(out["frozen"]["buffers"][mean]))
+    assert not torch.equal(out["batch"]["buffers"][mean], out["frozen"]["buffers"][mean])
+    assert not torch.equal(out["frozen"]["params"]["head.weight"], out["batch"]["params"]["head.weight"])

@@ -24,11 +24,11 @@ from fedbench.models.backbones import build_model
 
 PERSONAL = ["dataset=digits", "backbone=mlp", "backbone.hidden=[32]", "clients=8", "rounds=2", "participation=0.5",
             "batch_size=16", "logger=local", "progress=false", "hardware=cpu", "partition=noniid_s"]
-METHODS = ["local", "fedper", "lgfedavg", "fedrep", "fedbabu", "ditto", "fedproto", "fedrod", "fedecouple"]
+METHODS = ["local", "fedper", "lgfedavg", "fedrep", "fedbabu", "ditto", "fedproto", "fedrod", "fedecouple", "fedpac"]
 
 
 def noniid_cfg(**kw):
-    base = {"name": "noniid_s", "s": 0.2, "groups": 5, "local_size": None, "min_samples": 1,
+    base = {"name": "noniid_s", "rule": "disjoint", "s": 0.2, "groups": 5, "local_size": None, "min_samples": 1,
             "client_val_fraction": 0.0, "client_test_fraction": 0.3}
     return OmegaConf.create({**base, **kw})
 
@@ -47,6 +47,27 @@ def test_noniid_s_mix_sizes_and_determinism():
             # (1 - s) from the dominant group plus its share (1/5) of the iid fraction s = 0.84
             assert 0.70 <= dominant <= 0.97, (k, dominant)
         assert len(part.test[k]) == 60  # the test split comes from the same mix (30%)
+
+
+def test_noniid_s_default_is_fedpacs_split():
+    # FedPAC's data_loader with s = 20%, 600 train + 300 test: 180 iid samples = 18 per class, 720 over the
+    # dominant group = 240 per class; groups [0,1,2], [2,3,4], [4,5,6], [6,7,8], [8,9,0], client k -> k mod 5
+    labels = np.repeat(np.arange(10), 5000)
+    cfg = noniid_cfg(rule="fedpac", group_size=3, group_stride=2, client_test_fraction=1 / 3)
+    part = make_partition(labels, 20, cfg, seed=0)
+    groups = [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 8], [8, 9, 0]]
+    used = np.concatenate(part.train + part.test)
+    assert len(used) == len(np.unique(used)) == 20 * 900  # disjoint clients, FedPAC's 900 each by default
+    for k in range(20):
+        assert len(part.train[k]) == 600 and len(part.test[k]) == 300
+        counts = np.bincount(labels[np.concatenate([part.train[k], part.test[k]])], minlength=10)
+        expected = np.full(10, 18)
+        expected[groups[k % 5]] += 240
+        assert np.array_equal(counts, expected), (k, counts)
+    # a pool too small for 900 each: the largest size that fits, same rule
+    small = make_partition(np.repeat(np.arange(10), 500), 20, noniid_cfg(rule="fedpac", client_test_fraction=0), 0)
+    size = len(small.train[0])
+    assert all(len(t) == size for t in small.train) and 150 <= size < 900
 
 
 def test_noniid_s_impossible_requests_fail_clearly():
@@ -176,9 +197,11 @@ def test_fedecouple_clients_predict_with_their_own_extractor():
     assert torch.equal(personal(0, rec["after"])[body[0]], g["params"][body[0]])
 
 
-@pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedrod", "fedecouple"])
+@pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedrod", "fedecouple", "fedpac"])
 def test_batched_equals_sequential_float64(tmp_path, method):
     cfg = PERSONAL + [f"method={method}", "hardware.dtype=float64", "local_epochs=2", "method.momentum=0.5"]
+    own_epochs = {"fedrep": ["method.head_epochs=2", "method.body_epochs=1"], "fedpac": ["method.body_epochs=1"]}
+    cfg += own_epochs.get(method, [])
     out = {}
     for ex in ("sequential", "batched"):
         run_experiment(compose_cfg(cfg + [f"hardware.executor={ex}"]), tmp_path / ex)

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger")
+GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger", "experiment")
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 4
@@ -122,11 +122,15 @@ def unknown_added_key(job: list[str], cfg: object) -> str | None:
     """A top-level key added with `+` that no part of fedbench reads (e.g. a typo such as +roudns=3)."""
     from hydra import compose
 
-    added = [o.lstrip("+").split("=", 1)[0] for o in job if o.startswith("+") and not o.startswith("++")]
-    top = [k for k in added if "." not in k and "/" not in k]
+    def added_key(o: str) -> str | None:
+        key = o.lstrip("+").split("=", 1)[0]
+        top = o.startswith("+") and not o.startswith("++") and "." not in key and "/" not in key
+        return key if top and key not in GROUPS else None  # +experiment=NAME selects a preset
+
+    top = [k for k in map(added_key, job) if k is not None]
     if not top:
         return None
-    known = set(compose("config", overrides=[o for o in job if not o.startswith("+")]))
+    known = set(compose("config", overrides=[o for o in job if added_key(o) is None]))
     for key in top:
         if key not in known:
             return f"+{key}: unknown top-level key (nothing reads it); allowed: {', '.join(sorted(known))}"

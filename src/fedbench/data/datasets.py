@@ -206,6 +206,7 @@ _TV_HINT = {
     "mnist": ("MNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                            "t10k-labels-idx1-ubyte"),
     "fashion_mnist": ("FashionMNIST/raw", "the four FashionMNIST idx files"),
+    "emnist": ("EMNIST/raw", "the EMNIST idx files of the split (e.g. emnist-byclass-train-images-idx3-ubyte)"),
     "cifar10": ("cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta"),
     "cifar100": ("cifar-100-python", "train, test, meta"),
 }
@@ -220,27 +221,33 @@ def _missing(name: str, root: str, err: BaseException | None = None) -> ConfigEr
     )
 
 
-def _torchvision_mnist_like(name: str, cls_name: str, cfg: Any) -> Dataset:
+def _torchvision_mnist_like(name: str, cls_name: str, cfg: Any, **kwargs: Any) -> Dataset:
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
     root = str(cfg.root)
     try:
-        train = cls(root, train=True, download=bool(cfg.download))
-        test = cls(root, train=False, download=bool(cfg.download))
+        train = cls(root, train=True, download=bool(cfg.download), **kwargs)
+        test = cls(root, train=False, download=bool(cfg.download), **kwargs)
     except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True ..."
         raise _missing(name, root) from e
     except OSError as e:  # URLError and friends when offline
         raise _missing(name, root, e) from e
     x = _normalize(train.data.numpy()[:, None], MNIST_MEAN, MNIST_STD)
     xt = _normalize(test.data.numpy()[:, None], MNIST_MEAN, MNIST_STD)
-    return _from_arrays(name, x, train.targets.numpy().astype(np.int64), cfg, 10,
+    return _from_arrays(name, x, train.targets.numpy().astype(np.int64), cfg, len(train.classes),
                         x_test=xt, y_test=test.targets.numpy().astype(np.int64))
 
 
 @register("dataset", "mnist")
 def load_mnist(cfg: Any) -> Dataset:
     return _torchvision_mnist_like("mnist", "MNIST", cfg)
+
+
+@register("dataset", "emnist")
+def load_emnist(cfg: Any) -> Dataset:
+    """torchvision EMNIST (`dataset.split`: byclass 62 classes, balanced 47, letters, digits, mnist)."""
+    return _torchvision_mnist_like("emnist", "EMNIST", cfg, split=str(cfg.split))
 
 
 @register("dataset", "fashion_mnist")

@@ -20,7 +20,7 @@ from fedbench.data.datasets import Dataset, _from_arrays
 from fedbench.errors import ConfigError
 from fedbench.registry import register
 
-PRESETS = ("hf", "cifar10_hf", "cifar100_hf", "tiny_imagenet_hf", "femnist_hf")
+PRESETS = ("hf", "cifar10_hf", "cifar100_hf", "tiny_imagenet_hf", "femnist_hf", "cinic10_hf")
 
 
 def require(module: str, extra: str, what: str) -> Any:

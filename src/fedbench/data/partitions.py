@@ -176,19 +176,80 @@ def partition_stats(part: Partition, labels: np.ndarray, num_classes: int) -> di
 
 @register("partition", "noniid_s")
 def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
-        columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    """FedPAC / FedeCouple split: each client gets `local_size` samples, a fraction `s` drawn iid from all
-    classes and the rest from its dominant class group (client k -> group k mod `groups`). The local
-    test/validation splits are carved from these samples, so they follow the same mix."""
+             columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """FedPAC / FedeCouple split (`rule: fedpac`, as JianXu95/FedPAC's data_loader): each client gets
+    `local_size` samples; int(s * size) of them spread evenly over all classes, the rest evenly over its
+    dominant group of `group_size` classes; groups overlap, starting every `group_stride` classes
+    ([0,1,2], [2,3,4], ..., [8,9,0] for 10 classes), client k -> group k mod (number of groups). In each
+    class the last share takes the remainder. Samples are drawn without replacement in a seeded order.
+    `rule: disjoint` is fedbench's earlier split: `groups` disjoint class groups and an iid draw for s.
+    The local test/validation splits are carved from each client's samples, so they follow the same mix."""
     s = float(cfg.s)
     if not 0.0 <= s <= 1.0:
         raise ConfigError(f"partition.s={s}: the iid fraction must be in [0, 1]")
+    rule = str(cfg.get("rule", "fedpac"))
+    if rule not in ("fedpac", "disjoint"):
+        raise ConfigError(f"partition.rule={rule!r}: allowed: fedpac, disjoint")
     classes = np.unique(labels)
+    _check_common(len(labels), n_clients, int(cfg.get("min_samples", 1)))
+    if rule == "disjoint":
+        return _noniid_s_disjoint(labels, classes, n_clients, cfg, s, rng)
+    groups = _overlapping_groups(classes, int(cfg.get("group_size", 3)), int(cfg.get("group_stride", 2)))
+    counts = {c: int((labels == c).sum()) for c in classes}
+
+    def shares(size: int, k: int) -> dict[Any, int]:
+        """Samples of each class client k takes at this local size."""
+        n_iid = int(size * s)
+        take = dict(zip(classes, _even(n_iid, len(classes)), strict=True))
+        for c, m in zip(groups[k % len(groups)], _even(size - n_iid, len(groups[k % len(groups)])), strict=True):
+            take[c] += m
+        return take
+
+    def fits(size: int) -> bool:
+        need = {c: 0 for c in classes}
+        for k in range(n_clients):
+            for c, m in shares(size, k).items():
+                need[c] += m
+        return all(need[c] <= counts[c] for c in classes)
+
+    size = cfg.get("local_size")
+    if size is None:  # FedPAC's 600 train + 300 test, or the largest size the data can give every client
+        size = next((m for m in range(900, 0, -1) if fits(m)), 0)
+    size = int(size)
+    if size < 1 or not fits(size):
+        raise ConfigError(f"partition.local_size={size} x clients={n_clients}: some class has too few samples "
+                          f"for this split; lower partition.local_size (null: the largest that fits, at most 900)")
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes}
+    parts = []
+    for k in range(n_clients):
+        mine: list[int] = []
+        for c, m in shares(size, k).items():
+            mine.extend(pools[c][:m])
+            del pools[c][:m]
+        parts.append(np.sort(np.array(mine, dtype=np.int64)))
+    return parts
+
+
+def _even(total: int, n: int) -> list[int]:
+    """`total` spread over n: int(total / n) each, the last takes the remainder (FedPAC's rule)."""
+    each = total // n
+    return [each] * (n - 1) + [total - each * (n - 1)]
+
+
+def _overlapping_groups(classes: np.ndarray, size: int, stride: int) -> list[list[Any]]:
+    c = len(classes)
+    if not 1 <= size <= c or not 1 <= stride <= c:
+        raise ConfigError(f"partition.group_size={size}, group_stride={stride}: both must be in [1, {c}]")
+    return [[classes[(start + j) % c] for j in range(size)] for start in range(0, c, stride)]
+
+
+def _noniid_s_disjoint(labels: np.ndarray, classes: np.ndarray, n_clients: int, cfg: Any, s: float,
+                       rng: np.random.Generator) -> list[np.ndarray]:
+    """fedbench's earlier noniid_s: disjoint class groups (client k -> group k mod `groups`), the s share iid."""
     n_groups = int(cfg.get("groups", 5))
     if not 1 <= n_groups <= len(classes):
         raise ConfigError(f"partition.groups={n_groups}: must be in [1, {len(classes)}] (the number of classes)")
     n = len(labels)
-    _check_common(n, n_clients, int(cfg.get("min_samples", 1)))
     size = cfg.get("local_size")
     size = int(size) if size is not None else int(0.95 * n / n_clients)  # slack so the pools never run dry
     if size < 1 or size * n_clients > n:

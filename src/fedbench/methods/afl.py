@@ -3,23 +3,34 @@
 Each client uploads C_k = X_k^T X_k (d x d) and Q_k = X_k^T Y_k (d x C) once; the server solves
 W = (sum C_k + ridge I)^-1 sum Q_k. Summing statistics and solving once gives the same model as the
 paper's per-client solutions + absolute aggregation, and is invariant to the partition.
+
+`ri: true` (default, the official code's regularisation-invariant aggregation): the clients' ridge is
+removed after aggregation, so the server solves the unregularised joint least squares (minimum-norm when
+singular); `ri: false` keeps `ridge` in the joint solve.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from fedbench.engine.protocol import RoundContext
-from fedbench.methods.analytic import AnalyticMethod, ridge_solve
+from fedbench.methods.analytic import AnalyticConfig, AnalyticMethod, ridge_solve
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class AFLConfig(AnalyticConfig):
+    ri: bool = True   # regularisation-invariant: the ridge is removed after aggregation (unregularised solve)
 
 
 @register("method", "afl")
 class AFL(AnalyticMethod):
     name = "afl"
+    Config = AFLConfig
 
     def required_rounds(self) -> int:
         return 1
@@ -44,13 +55,10 @@ class AFL(AnalyticMethod):
                "loss": local["loss"]}
         return new, local["loss"]
 
-    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
-        return {"gram": local["gram"], "rhs": local["rhs"]}, {}
-
     def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
                   ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         s = self.aggregate_sums(up)
-        return {"W": ridge_solve(s["gram"], s["rhs"], self.cfg.ridge)}, {}
+        return {"W": ridge_solve(s["gram"], s["rhs"], 0.0 if self.cfg.ri else self.cfg.ridge)}, {}
 
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1).to(self.stats_dtype) @ gstate["W"]

@@ -2,7 +2,9 @@
 
 Clients upload SUMS of sample statistics; every minibatch adds to them with its sample weights, so one
 local epoch counts every sample exactly once whatever the batch size. The server sums the uploads and
-solves least-squares problems in float64 (torch.linalg.solve / eigh, never an explicit inverse).
+solves least-squares problems in `stats_dtype` (torch.linalg.solve / eigh, never an explicit inverse).
+Everything sent travels in `payload_dtype`: float32 by default, as the official code's tensors (half the
+bytes of float64); a float64 payload keeps the exact partition invariance.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 @dataclasses.dataclass(frozen=True)
 class AnalyticConfig(MethodConfig):
     ridge: float = 1.0             # gamma in W = (sum C_k + gamma I)^-1 sum Q_k
-    stats_dtype: str = "float64"   # dtype of the statistics clients accumulate and send
+    stats_dtype: str = "float64"   # dtype clients accumulate statistics in and the server solves in
+    payload_dtype: str = "float32"  # dtype of every tensor sent (float32 as the official code; float64: exact)
     upper_triangle: bool = False   # count only the upper triangle of symmetric uploads
 
     def __post_init__(self) -> None:
-        if self.stats_dtype not in STATS_DTYPES:
-            raise ConfigError(f"method.stats_dtype={self.stats_dtype}: allowed: {', '.join(STATS_DTYPES)}")
+        for key, value in (("stats_dtype", self.stats_dtype), ("payload_dtype", self.payload_dtype)):
+            if value not in STATS_DTYPES:
+                raise ConfigError(f"method.{key}={value}: allowed: {', '.join(STATS_DTYPES)}")
         if self.ridge < 0:
             raise ConfigError(f"method.ridge={self.ridge}: must be >= 0")
 
@@ -45,6 +49,7 @@ class AnalyticMethod(Method):
     def __init__(self, config: AnalyticConfig | None = None):
         super().__init__(config)
         self.stats_dtype = STATS_DTYPES[self.cfg.stats_dtype]
+        self.payload_dtype = STATS_DTYPES[self.cfg.payload_dtype]
         self.sym_encoding = SYMMETRIC if self.cfg.upper_triangle else DENSE
 
     def required_rounds(self) -> int:
@@ -72,8 +77,19 @@ class AnalyticMethod(Method):
         enc = {k: self.sym_encoding for k in stacked_up if k in ("gram", "gram_f")}
         return Payload(stacked_up, encodings=enc, stacked=True)
 
+    def on_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor as it travels (payload dtype)."""
+        return t.to(self.payload_dtype)
+
+    def as_sent(self, t: torch.Tensor) -> torch.Tensor:
+        """What the receiver of `t` holds: rounded through the payload dtype, computed on in stats dtype."""
+        return t.to(self.payload_dtype).to(self.stats_dtype)
+
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
+        return {k: self.on_wire(v) for k, v in local.items() if k != "loss"}, {}
+
     def aggregate_sums(self, up: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {k: v.sum(0) for k, v in up.items()}
+        return {k: v.to(self.stats_dtype).sum(0) for k, v in up.items()}
 
 
 def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -10,6 +10,10 @@ upload Phi_n^T Phi_n and Phi_n^T Y; the server solves W_n), round 2n + 2 the res
 upload F^T F and W_n R^T F with R = Y - Phi_n W_n; the server solves the sandwiched least squares for
 Omega_{n+1}). The random maps come from a shared seed and cost 0 bytes. The model is the same for any
 partition of the data, and equals the centralised solve.
+
+Random maps (`init: linear`, the official code's nn.Linear layers): weights and biases drawn by nn.Linear's
+own init routine, U(+-1/sqrt(fan_in)), in float32 from the shared seed; `init: normal` is fedbench's earlier
+N(0, 1/fan_in) (sqrt(3) times the spread).
 """
 
 from __future__ import annotations
@@ -39,13 +43,31 @@ class DeepAFLConfig(AnalyticConfig):
     residual_ridge: float = 0.05   # gamma of the sandwiched least squares
     activation: str = "gelu"       # gelu | relu | tanh | sigmoid
     random_seed: int = 0           # shared seed of the random maps (never sent: 0 bytes)
+    init: str = "linear"           # linear: nn.Linear's U(+-1/sqrt(fan_in)) (official code); normal: N(0, 1/fan_in)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.init not in ("linear", "normal"):
+            raise ConfigError(f"method.init={self.init!r}: allowed: linear, normal")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"method.activation={self.activation}: allowed: {', '.join(ACTIVATIONS)}")
         if self.T < 0 or self.h < 1 or self.f < 1:
             raise ConfigError("method.T must be >= 0 and method.h, method.f >= 1")
+
+
+def linear_init(fan_in: int, fan_out: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [fan_out, fan_in], bias) as torch.nn.Linear.reset_parameters draws them, from generator g."""
+    weight = torch.empty(fan_out, fan_in)
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=g)
+    bound = 1.0 / math.sqrt(fan_in)
+    return weight, torch.nn.init.uniform_(torch.empty(fan_out), -bound, bound, generator=g)
+
+
+def normal_init(fan_in: int, fan_out: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """fedbench's earlier maps: N(0, 1/fan_in) weights and biases (float64 draws)."""
+    scale = 1.0 / math.sqrt(fan_in)
+    weight = torch.randn(fan_in, fan_out, generator=g, dtype=torch.float64).T * scale
+    return weight, torch.randn(fan_out, generator=g, dtype=torch.float64) * scale
 
 
 @register("method", "deepafl")
@@ -68,17 +90,15 @@ class DeepAFL(AnalyticMethod):
 
     # ---- shared-seed random maps (never sent) -------------------------------------------
     def random_maps(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """{A0, a0, B_t, b_t} from the shared seed, drawn layer by layer (weight then bias) in this order."""
         g = torch.Generator().manual_seed(self.cfg.random_seed)
-        dt = self.stats_dtype
-
-        def normal(*shape: int, fan_in: int) -> torch.Tensor:
-            return (torch.randn(*shape, generator=g, dtype=dt) / math.sqrt(fan_in)).to(device)
-
-        maps = {"A0": normal(self.in_features, self.h, fan_in=self.in_features),
-                "a0": normal(self.h, fan_in=self.in_features)}
-        for t in range(self.T):
-            maps[f"B{t}"] = normal(self.h, self.f, fan_in=self.h)
-            maps[f"b{t}"] = normal(self.f, fan_in=self.h)
+        layers = [("A0", "a0", self.in_features, self.h)] + [(f"B{t}", f"b{t}", self.h, self.f)
+                                                              for t in range(self.T)]
+        maps = {}
+        for w_key, b_key, fan_in, fan_out in layers:
+            weight, bias = (linear_init if self.cfg.init == "linear" else normal_init)(fan_in, fan_out, g)
+            maps[w_key] = weight.T.to(self.stats_dtype).to(device)  # x @ W: [fan_in, fan_out]
+            maps[b_key] = bias.to(self.stats_dtype).to(device)
         return maps
 
     def init_global(self, params: Any, buffers: Any) -> dict[str, Any]:
@@ -103,11 +123,11 @@ class DeepAFL(AnalyticMethod):
         enc = {f"omega/{k}": CACHED for k in omegas}
         if kind == "classifier" and n > 0:
             enc[f"omega/{n}"] = "dense"
-        tensors: dict[str, Any] = {f"omega/{k}": v for k, v in omegas.items()}
+        tensors: dict[str, Any] = {f"omega/{k}": self.on_wire(v) for k, v in omegas.items()}
         tensors["maps"] = gstate["maps"]
         enc["maps"] = CACHED
         if kind == "residual":
-            tensors["W"] = gstate["W"][n]
+            tensors["W"] = self.on_wire(gstate["W"][n])
         return Payload(tensors, encodings=enc)
 
     def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
@@ -115,12 +135,13 @@ class DeepAFL(AnalyticMethod):
         kind, n = self.phase_of(ctx.round)
         s = self.aggregate_sums(up)
         new = dict(gstate, W=dict(gstate["W"]), Omega=dict(gstate["Omega"]))
+        # the server keeps each solution as the clients receive it (payload dtype), so both use one model
         if kind == "classifier":
-            new["W"][n] = ridge_solve(s["gram"], s["rhs"], self.cfg.ridge)
+            new["W"][n] = self.as_sent(ridge_solve(s["gram"], s["rhs"], self.cfg.ridge))
             new["layer"] = n
         else:
-            new["Omega"][f"{n + 1}"] = sandwich_solve(s["gram_f"], s["cross"], gstate["W"][n],
-                                                      self.cfg.residual_ridge)
+            new["Omega"][f"{n + 1}"] = self.as_sent(sandwich_solve(s["gram_f"], s["cross"], gstate["W"][n],
+                                                                   self.cfg.residual_ridge))
         return new, {"analytic/layer": n, "analytic/phase": kind}
 
     def should_evaluate(self, round_: int, due: bool) -> bool:
@@ -153,7 +174,8 @@ class DeepAFL(AnalyticMethod):
                    phase: tuple[str, int]) -> tuple[dict[str, Any], torch.Tensor]:
         kind, n = phase
         x, y, w = batch["x"], batch["y"], batch["w"]
-        omegas = {k.split("/", 1)[1]: v for k, v in down.items() if k.startswith("omega/")}
+        omegas = {k.split("/", 1)[1]: v.to(self.stats_dtype) for k, v in down.items() if k.startswith("omega/")}
+        w_n = down["W"].to(self.stats_dtype) if kind == "residual" else None
         phi = self.features(down["maps"], omegas, x, n)
         ww = w.to(self.stats_dtype)[:, None]
         y1 = self.one_hot(y, w)
@@ -162,10 +184,7 @@ class DeepAFL(AnalyticMethod):
                    "loss": local["loss"]}
         else:
             feat = self.act(phi @ down["maps"][f"B{n}"] + down["maps"][f"b{n}"])
-            resid = y1 - (phi @ down["W"]) * ww  # the BROADCAST W_n; padding rows are zero
+            resid = y1 - (phi @ w_n) * ww  # the BROADCAST W_n; padding rows are zero
             new = {"gram_f": local["gram_f"] + feat.T @ (feat * ww),
-                   "cross": local["cross"] + down["W"] @ resid.T @ feat, "loss": local["loss"]}
+                   "cross": local["cross"] + w_n @ resid.T @ feat, "loss": local["loss"]}
         return new, local["loss"]
-
-    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
-        return {k: v for k, v in local.items() if k != "loss"}, {}

@@ -1,8 +1,9 @@
 """FedRep (Collins et al. 2021): each round a client first trains its private head with the body frozen,
 then the body with the head frozen; only the body is sent and averaged.
 
-`method.head_fraction`: the share of the client's local steps spent on the head (FedRep's 10 head
-epochs + 1 body epoch is 10/11)."""
+Local training as in the paper: `head_epochs` (10) passes over the client's data for the head, then
+`body_epochs` (1) for the body; the run's `local_epochs` does not apply. `head_fraction` (set it to use
+it) is fedbench's earlier rule: the run's local steps split by that share."""
 
 from __future__ import annotations
 
@@ -19,12 +20,17 @@ from fedbench.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class FedRepConfig(LocalSGDConfig):
-    head_fraction: float = 0.5   # share of each client's local steps spent on the head
+    head_epochs: int = 10                # local epochs of the head per round (paper: 10)
+    body_epochs: int = 1                 # then local epochs of the body (paper: 1)
+    head_fraction: float | None = None   # set: the run's local_epochs/local_steps, this share on the head
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.head_fraction <= 1.0:
-            raise ConfigError(f"method.head_fraction={self.head_fraction}: must be in [0, 1]")
+        if self.head_fraction is not None and not 0.0 <= self.head_fraction <= 1.0:
+            raise ConfigError(f"method.head_fraction={self.head_fraction}: must be in [0, 1] or null")
+        if self.head_epochs < 0 or self.body_epochs < 0 or self.head_epochs + self.body_epochs < 1:
+            raise ConfigError(f"method.head_epochs={self.head_epochs}, method.body_epochs={self.body_epochs}: "
+                              f"must be >= 0 with at least one epoch in all")
 
 
 @register("method", "fedrep")
@@ -34,6 +40,15 @@ class FedRep(PersonalizedMethod):
     shared = "body"
     needs_progress = True
 
+    def local_epochs(self, configured: int) -> int:
+        if self.cfg.head_fraction is not None:
+            return configured
+        return self.cfg.head_epochs + self.cfg.body_epochs
+
     def grad_mask(self, local: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        head_phase = (batch["progress"] < self.cfg.head_fraction).to(batch["w"].dtype)
+        if self.cfg.head_fraction is not None:
+            head_phase = (batch["progress"] < self.cfg.head_fraction).to(batch["w"].dtype)
+        else:  # the first head_epochs of the head_epochs + body_epochs passes (robust to rounding at the edge)
+            epochs = self.cfg.head_epochs + self.cfg.body_epochs
+            head_phase = (batch["progress"] * epochs < self.cfg.head_epochs - 1e-6).to(batch["w"].dtype)
         return {k: head_phase if k.startswith("head.") else 1.0 - head_phase for k in local["params"]}

