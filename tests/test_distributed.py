@@ -49,7 +49,7 @@ def assert_same(a_dir, b_dir):
 def test_two_workers_equal_one_process(tmp_path, method, executor):
     cfg = BASE + [f"method={method}", f"hardware.executor={executor}"]
     if method == "fedrep":
-        cfg += ["partition=noniid_s", "clients=5"]
+        cfg += ["partition=noniid_s", "clients=5", "method.head_epochs=1", "method.body_epochs=1"]
     one = run_experiment(compose_cfg(cfg), tmp_path / "one")
     two = run_experiment(compose_cfg(cfg + ["hardware.workers=2"]), tmp_path / "two")
     assert two["executor"] == f"{executor} x2 workers"

@@ -19,13 +19,13 @@ STAND_INS = {  # preset prefix -> overrides: embedded data and no downloaded wei
     "afl": IMAGE_FEATURES + ["clients=10"],
     "fedsq_cifar100": ["dataset=digits", "backbone.weights=none", "backbone.resolution=32", "clients=4",
                        "local_steps=1", "batch_size=8"],
-    "fedsq_cinic10": ["dataset=digits", "backbone.weights=none", "backbone.resolution=64", "clients=4",
-                      "local_steps=1", "batch_size=8"],
+    "fedsq_cinic10": ["dataset=digits", "backbone.weights=none", "backbone.resolution=64", "clients=2",
+                      "local_steps=1", "batch_size=4"],
     "flops_synthetic": ["method.prune_start=1"],
     "flops_mnist": ["dataset=mnist5k", "method.prune_start=1"],
     "flops_emnist": ["dataset=mnist5k", "method.prune_start=1"],
-    "fedpac": ["dataset=mnist5k", "partition.local_size=null"],
-    "fedecouple": ["dataset=mnist5k", "partition.local_size=null"],
+    "fedpac": ["dataset=mnist5k", "partition.local_size=150", "clients=6", "method.body_epochs=1"],
+    "fedecouple": ["dataset=mnist5k", "partition.local_size=150", "clients=6", "local_epochs=1"],
 }
 
 

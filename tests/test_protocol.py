@@ -102,6 +102,8 @@ PER_METHOD = {
     "fedht": BASE + ["method=fedht", "method.target_density=0.2"],
     "fediterht": BASE + ["method=fediterht", "method.target_density=0.2"],
     "fedavg_prune": BASE + ["method=fedavg_prune", "method.target_density=0.2"],
+    "fedrep": BASE + ["method=fedrep", "method.head_epochs=1", "method.body_epochs=1"],
+    "fedpac": BASE + ["method=fedpac", "method.body_epochs=1"],
 }
 
 
