@@ -49,11 +49,11 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad
+from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from fedbench.config import MethodConfig
-from fedbench.engine.functional import mean_share
+from fedbench.engine.functional import grad, mean_share, plain_eager
 from fedbench.engine.protocol import ClientFns, RoundContext, RunContext, Tensors
 from fedbench.errors import ConfigError
 from fedbench.metrics.comm import Payload
@@ -261,7 +261,8 @@ class LocalSGDMethod(Method):
     def sgd(self, params: Tensors, g: Tensors, local: dict[str, Any], new: dict[str, Any],
             mask: dict[str, Any] | None = None, mom_key: str = "mom") -> Tensors:
         """One SGD step with the method's weight decay and momentum; entries with mask 0 stay put.
-        Writes the momentum buffer into `new` (the local state being built)."""
+        Writes the momentum buffer into `new` (the local state being built). In plain eager code (the
+        sequential executor) `params` belong to the local state and are updated in place."""
         mask = mask or {}
         if self.cfg.weight_decay > 0:
             g = {k: g[k] + self.cfg.weight_decay * params[k] for k in g}
@@ -271,6 +272,10 @@ class LocalSGDMethod(Method):
             mom = {k: mu * local[mom_key][k] + g[k] for k in g}
             new[mom_key] = mom
             g = {k: mom[k] * mask[k] if k in mask else mom[k] for k in mom}
+        if plain_eager():  # the sequential executor: the local state owns `params` (cloned in client_init)
+            for k in params:
+                params[k].add_(g[k], alpha=-self.lr)
+            return params
         # one fused pass per tensor (a - lr*b would allocate twice)
         return {k: torch.add(params[k], g[k], alpha=-self.lr) for k in params}
 

@@ -9,8 +9,8 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch.func import grad
 
+from fedbench.engine.functional import grad
 from fedbench.methods.base import LocalSGDConfig, Tensors
 from fedbench.methods.personal import PersonalizedMethod, per_client
 from fedbench.registry import register

@@ -8,8 +8,8 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch.func import grad
 
+from fedbench.engine.functional import grad
 from fedbench.methods.base import LocalSGDConfig, Tensors
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.registry import register

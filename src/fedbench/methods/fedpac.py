@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad
 
+from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import LocalSGDConfig, Tensors

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import grad
 
+from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors

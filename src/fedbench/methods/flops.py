@@ -22,10 +22,9 @@ import re
 from typing import Any
 
 import torch
-from torch.func import grad
 
 from fedbench.config import MethodConfig
-from fedbench.engine.functional import weighted_mean
+from fedbench.engine.functional import grad, weighted_mean
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Method, Tensors

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
-from fedbench.engine.functional import per_sample_loss, weighted_mean
+from fedbench.engine.functional import grad, per_sample_loss, weighted_mean
 from fedbench.engine.protocol import ClientFns, RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import LocalSGDMethod, Tensors
