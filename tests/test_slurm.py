@@ -71,11 +71,15 @@ def test_requeued_job_resumes_and_matches_uninterrupted(tmp_path):
     assert rows_before < 300, "the job finished before it could be requeued; make it longer"
     job_id = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()[0]
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    # a requeued job is held ~2 minutes (BeginTime); release it now to keep CI short (if refused, it waits)
-    for _ in range(20):
-        time.sleep(1)
-        if subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                          capture_output=True).returncode == 0:
+    # a requeued job is held ~2 minutes (BeginTime); release it to keep CI short. An update sent while the
+    # job is still completing is overwritten by the requeue, so wait until it is pending on BeginTime.
+    for _ in range(60):
+        time.sleep(0.5)
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True,
+                               text=True).stdout.split()
+        if state[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        elif state[:1] == ["RUNNING"]:
             break
     out, _ = launcher.communicate(timeout=900)
     assert launcher.returncode == 0, out[-3000:]
