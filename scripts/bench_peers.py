@@ -8,7 +8,8 @@ lr 0.1. W2: the FedAvg CNN on 28x28x1, 100 clients x 100, 10 per round, 1 epoch,
 frameworks read the same data (random inputs labelled by a random linear teacher) and the same client
 split; pfl runs its own FedAvg (benchmarks/peers/pfl_harness.py) with 1 process x all threads and with
 torchrun over 2 processes x 1 thread; fedbench runs its executors with 1 process and with 2 workers.
-Reported: steady seconds per round (median of rounds >= 2) and training samples/s; start-up apart.
+Reported: steady seconds per round (median of rounds >= 2) and training samples/s; start-up apart. Each
+variant runs --repeat times, interleaved with the others; a row is its median run, with the range.
 Writes benchmarks/peers/peers-<time>.json and a Markdown table.
 """
 
@@ -82,7 +83,7 @@ def fedbench_rank(rank: int, size: int, port: int, data: str, w: dict, rounds: i
     from fedbench.bench import Workload, build, engine_round
     from fedbench.data.clients import ClientView, make_schedule, sample_cohort
     from fedbench.engine.distributed import ShardedExecutor, World, join, leave
-    from fedbench.engine.executors import BatchedExecutor, SequentialExecutor
+    from fedbench.engine.executors import BatchedExecutor, SequentialExecutor, resolve_memory_format
     from fedbench.engine.functional import split_state
 
     started = time.perf_counter()
@@ -96,7 +97,9 @@ def fedbench_rank(rank: int, size: int, port: int, data: str, w: dict, rounds: i
                     w["cohort"], w["batch"], lr=w["lr"])
     model, method = build(spec, torch.device("cpu"), torch.float32)
     gstate = method.init_global(*split_state(model))
-    inner = SequentialExecutor(compile_) if executor == "sequential" else BatchedExecutor(compile=compile_)
+    # hardware.memory_format=auto, as the CLI runs it (channels_last conv weights on this CPU)
+    layout = resolve_memory_format("auto", model, torch.device("cpu"), torch.float32)
+    inner = SequentialExecutor(compile_, layout) if executor == "sequential" else BatchedExecutor(compile=compile_)
     ex = ShardedExecutor(inner, world) if size > 1 else inner
     sizes = torch.as_tensor(view.sizes(), dtype=torch.float32)
     marks = [time.perf_counter()]
@@ -138,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--pfl-venv", type=Path, default=ROOT / ".venv-pfl")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "peers")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each variant, interleaved; the table "
+                    "reports the median run (by samples/s) and the range")
     ap.add_argument("--frameworks", nargs="+", default=["pfl", "fedbench"], choices=["pfl", "fedbench"])
     a = ap.parse_args(argv)
     work = a.out / "work"
@@ -153,36 +158,54 @@ def main(argv: list[str] | None = None) -> None:
         # compiled steps: steady rounds are faster, start-up pays the compilation (reported apart)
         variants += [("fedbench", e, p, True) for e in execs for p in (1, 2)]
         variants = [v for v in variants if v[0] in a.frameworks]
-        for framework, executor, procs, compile_ in variants:
-            res = (run_pfl(py, data, w, a.rounds, procs, work) if framework == "pfl"
-                   else run_fedbench(data, w, a.rounds, executor, procs, compile_, work))
-            res["first_round_s"] = res["round_s"][0]  # includes any compilation
-            row = {"workload": name, "framework": framework, "variant": executor + (" + compile" if compile_ else ""),
-                   "processes": procs, **res}
-            rows.append(row)
-            print(f"{name} {framework:8s} {row['variant']:18s} x{procs}: {res['steady_round_s']:.3f} s/round, "
-                  f"{res['samples_per_s']:.0f} samples/s (start-up {res['startup_s']:.1f} s)", flush=True)
+        # every variant once, then again (a.repeat times): slow drifts of a shared machine hit all alike
+        runs: dict[tuple, list[dict]] = {v: [] for v in variants}
+        for rep in range(a.repeat):
+            for framework, executor, procs, compile_ in variants:
+                res = (run_pfl(py, data, w, a.rounds, procs, work) if framework == "pfl"
+                       else run_fedbench(data, w, a.rounds, executor, procs, compile_, work))
+                runs[(framework, executor, procs, compile_)].append(res)
+                label = executor + (" + compile" if compile_ else "")
+                print(f"{name} [{rep + 1}/{a.repeat}] {framework:8s} {label:18s} x{procs}: "
+                      f"{res['steady_round_s']:.3f} s/round, {res['samples_per_s']:.0f} samples/s "
+                      f"(start-up {res['startup_s']:.1f} s)", flush=True)
+        for (framework, executor, procs, compile_), results in runs.items():
+            rows.append(summarise(name, framework, executor + (" + compile" if compile_ else ""), procs, results))
     write_results(rows, a.out, a.rounds)
+
+
+def summarise(workload: str, framework: str, variant: str, procs: int, results: list[dict]) -> dict:
+    """The median run of a variant's repeats (by steady samples/s), with every repeat's figure kept."""
+    ordered = sorted(results, key=lambda r: r["samples_per_s"])
+    median = ordered[(len(ordered) - 1) // 2]
+    return {"workload": workload, "framework": framework, "variant": variant, "processes": procs, **median,
+            "first_round_s": median["round_s"][0],  # includes any compilation
+            "repeats_samples_per_s": [r["samples_per_s"] for r in results]}
 
 
 def write_results(rows: list[dict], out: Path, rounds: int) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"time": stamp, "cpu": f"{os.cpu_count()} cores", "torch": torch.__version__, "rounds": rounds,
-            "steady": "median of rounds >= 2"}
+            "steady": "median of rounds >= 2; each row the median of its interleaved repeats"}
     (out / f"peers-{stamp}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     lines = ["| workload | framework | variant | processes | steady s/round | samples/s | start-up s | first round s |"
-             " vs pfl best |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             " repeats' samples/s | vs pfl best |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in sorted({r["workload"] for r in rows}):
         best_pfl = max((r["samples_per_s"] for r in rows if r["workload"] == name and r["framework"] == "pfl"),
                        default=float("nan"))
         for r in (r for r in rows if r["workload"] == name):
             lines.append(f"| {name} | {r['framework']} | {r['variant']} | {r['processes']} | "
                          f"{r['steady_round_s']:.3f} | {r['samples_per_s']:,.0f} | {r['startup_s']:.1f} | "
-                         f"{r['first_round_s']:.1f} | {r['samples_per_s'] / best_pfl:.2f}x |")
+                         f"{r['first_round_s']:.1f} | {spread(r['repeats_samples_per_s'])} | "
+                         f"{r['samples_per_s'] / best_pfl:.2f}x |")
     table = "\n".join(lines) + "\n"
     (out / f"peers-{stamp}.md").write_text(table)
     print(table)
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else f"{values[0]:,.0f}"
 
 
 if __name__ == "__main__":

@@ -69,3 +69,46 @@ def test_memory_flat_in_number_of_clients(tmp_path, workers):
         assert s["status"] == "completed"
         peaks[n_clients] = s["memory/peak_rss_mb"]
     assert peaks[10000] <= 2 * peaks[100], peaks
+
+
+def test_channels_last_changes_the_layout_not_the_result():
+    """hardware.memory_format: the sequential executor hands the CNN channels_last conv weights, so
+    convolutions and max-pooling run on NHWC tensors (checked on the pooling inputs), and the round ends
+    with the same parameters as in the default layout (float32 rounding apart)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fedbench.engine.executors import resolve_memory_format
+
+    class PoolLayouts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.max_pool2d_with_indices.default:
+                x = args[0]
+                self.seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return func(*args, **(kwargs or {}))
+
+    w = workloads("cpu")["cnn"]
+    w.clients, w.per_client, w.cohort, w.local_steps = 6, 20, 3, 2
+    dev, dt = torch.device("cpu"), torch.float32
+    view = make_data(w, dev, dt)
+    sizes = torch.as_tensor(view.sizes(), dtype=dt)
+    model, _ = build(w, dev, dt)
+    assert resolve_memory_format("auto", model, dev, torch.float32) == torch.channels_last
+    assert resolve_memory_format("auto", model, dev, torch.float64) is None  # no oneDNN conv in float64
+    assert resolve_memory_format("contiguous", model, dev, torch.float32) is None
+    assert resolve_memory_format("auto", torch.nn.Linear(3, 2), dev, torch.float32) is None
+    out, layouts = [], []
+    for fmt in (None, torch.channels_last):
+        model, method = build(w, dev, dt)
+        g = method.init_global(*split_state(model))
+        cohort, sched = schedule(w, view, 1, dt, dev)
+        with PoolLayouts() as mode:
+            out.append(engine_round(method, SequentialExecutor(memory_format=fmt), g, view, cohort, sched, sizes))
+        layouts.append(mode.seen)
+    assert layouts[0] and not any(layouts[0])
+    assert layouts[1] and all(layouts[1])
+    for k in out[0]["params"]:
+        torch.testing.assert_close(out[1]["params"][k], out[0]["params"][k], rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
 from fedbench.data.partitions import iid
-from fedbench.engine.executors import BatchedExecutor, Executor, SequentialExecutor
+from fedbench.engine.executors import BatchedExecutor, Executor, SequentialExecutor, resolve_memory_format
 from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.methods.fedavg import FedAvg
@@ -167,7 +167,8 @@ def time_variant(w: Workload, variant: str, device: torch.device, dtype: torch.d
     model, method = build(w, device, dtype)
     params, buffers = split_state(model)
     gstate = method.init_global(params, buffers)
-    executor = {"sequential": SequentialExecutor(), "batched": BatchedExecutor(chunk_size),
+    layout = resolve_memory_format("auto", model, device, dtype)  # as the CLI's hardware.memory_format=auto
+    executor = {"sequential": SequentialExecutor(memory_format=layout), "batched": BatchedExecutor(chunk_size),
                 "batched+compile": BatchedExecutor(chunk_size, compile=True)}.get(variant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

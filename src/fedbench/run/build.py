@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
 from fedbench.data.partitions import Partition, make_partition, partition_stats
 from fedbench.engine.distributed import SINGLE, ShardedExecutor, World
-from fedbench.engine.executors import Executor, pick_executor
+from fedbench.engine.executors import Executor, pick_executor, resolve_memory_format
 from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.methods.base import Method, RunSpec
@@ -224,7 +224,9 @@ def choose_executor(run: Run) -> Executor:
         ctx, sched = run.prepare_round(state.round + 1)
         run_round(run.method, executor, state.gstate, state.cstates, ctx, run.view, sched)
 
+    layout = resolve_memory_format(str(hw.get("memory_format", "auto")), run.model, run.device, run.dtype)
     executor, why = pick_executor(str(hw.executor), run.method, run.model, run.device, hw.chunk_size,
-                                  bool(hw.get("compile", False)), str(hw.get("auto_policy", "heuristic")), trial)
+                                  bool(hw.get("compile", False)), str(hw.get("auto_policy", "heuristic")), trial,
+                                  layout)
     log.info("executor: %s (%s)", executor.name, why)
     return executor

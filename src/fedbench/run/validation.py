@@ -106,6 +106,9 @@ def validate(cfg: DictConfig, check_device: bool = True) -> None:
         raise ConfigError(f"hardware.dtype={cfg.hardware.dtype}: allowed: {', '.join(DTYPES)}")
     if str(cfg.hardware.get("auto_policy", "heuristic")) not in ("heuristic", "timed"):
         raise ConfigError(f"hardware.auto_policy={cfg.hardware.auto_policy}: allowed: heuristic, timed")
+    if str(cfg.hardware.get("memory_format", "auto")) not in ("auto", "channels_last", "contiguous"):
+        raise ConfigError(f"hardware.memory_format={cfg.hardware.memory_format}: "
+                          "allowed: auto, channels_last, contiguous")
     if str(cfg.hardware.executor) not in EXECUTORS:
         raise ConfigError(f"hardware.executor={cfg.hardware.executor}: allowed: {', '.join(EXECUTORS)}")
     if str(cfg.logger.wandb.mode) not in MODES:
