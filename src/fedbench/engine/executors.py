@@ -103,7 +103,7 @@ class SequentialExecutor:
         step = self.steps.get(fns.step, fns.step)
         down = to_memory_format(down, self.memory_format)
         for k in range(len(client_ids)):
-            cs = tree_index(cstates, k)
+            cs = to_memory_format(tree_index(cstates, k), self.memory_format)  # e.g. LG-FedAvg's own conv body
             local = fns.init(down, cs, client_ids[k])
             total = torch.zeros((), dtype=sched.weight.dtype, device=sched.weight.device)
             n_steps = 0

@@ -228,5 +228,6 @@ def choose_executor(run: Run) -> Executor:
     executor, why = pick_executor(str(hw.executor), run.method, run.model, run.device, hw.chunk_size,
                                   bool(hw.get("compile", False)), str(hw.get("auto_policy", "heuristic")), trial,
                                   layout)
-    log.info("executor: %s (%s)", executor.name, why)
+    conv_layout = ", conv weights channels_last" if layout is not None and executor.name == "sequential" else ""
+    log.info("executor: %s (%s)%s", executor.name, why, conv_layout)
     return executor
