@@ -24,7 +24,8 @@ def test_default_composition_has_the_documented_keys():
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])  # presets: test_experiments.py
 def test_every_choice_composes_and_validates(group):
     for choice in available(group):
-        cfg = compose_cfg([f"{group}={choice}"])
+        required = ["dataset.path=uoft-cs/cifar10"] if (group, choice) == ("dataset", "hf") else []
+        cfg = compose_cfg([f"{group}={choice}", *required])
         assert cfg[group] is not None
         if group == "hardware" and choice == "cuda":
             continue  # validated in test_errors (needs CUDA)

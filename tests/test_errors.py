@@ -33,7 +33,7 @@ def test_bad_overrides(tmp_path, args, fragments):
 
 # every input a new user tried that used to end in a traceback, run silently, or blame another key
 @pytest.mark.parametrize("args,fragments", [
-    (["seed=abc"], ["seed=abc", "integer"]),
+    (["seed=abc"], ["seed='abc'", "integer"]),
     (["hardware.threads=-2"], ["hardware.threads=-2", ">= 1"]),
     (["partition=shards", "partition.shards_per_client=0"], ["partition.shards_per_client=0"]),
     (["backbone=resnet18_imagenet", "backbone.weights=/nonexistent.pt"], ["backbone.weights=/nonexistent.pt"]),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -12,12 +11,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger", "experiment")
+from fedbench.preflight import GROUPS, PREFLIGHT_JOBS, available, check_group_overrides, missing_sweeper, preflight
+
+__all__ = ["GROUPS", "available", "check_group_overrides", "main", "preflight"]
+
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 4
 EXIT_SWEEP_FAILED = 1
-PREFLIGHT_JOBS: dict[str, int] = {}  # how many jobs the pre-flight expanded the sweep into
 
 
 def install_stop_handler() -> None:
@@ -42,40 +43,6 @@ def install_stop_handler() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def search_dirs(argv: list[str]) -> list[Path]:
-    """Extra config dirs from a `hydra.searchpath=[file://DIR,...]` override (plugins' YAML presets)."""
-    dirs: list[Path] = []
-    for arg in argv:
-        if arg.lstrip("+").startswith("hydra.searchpath="):
-            for item in arg.split("=", 1)[1].strip("[]").split(","):
-                item = item.strip().strip("'\"")
-                if item.startswith("file://"):
-                    dirs.append(Path(item[len("file://"):]))
-    return dirs
-
-
-def available(group: str, extra_dirs: list[Path] | None = None) -> list[str]:
-    roots = [resources.files("fedbench.conf") / group, *(d / group for d in extra_dirs or [])]
-    return sorted({p.name[:-5] for root in roots if root.is_dir() for p in root.iterdir() if p.name.endswith(".yaml")})
-
-
-def check_group_overrides(argv: list[str]) -> str | None:
-    """One clear line for an unknown config-group choice (Hydra's own message is a wall of text)."""
-    extra = search_dirs(argv)
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key not in GROUPS:
-            continue
-        choices = available(key, extra)
-        values = value.split(",") if value and not value.startswith(("range(", "choice(", "glob(")) else [value]
-        for v in values:
-            if v and v not in choices:
-                return f"{key}={v!r} is unknown; allowed: {', '.join(choices)}"
-    return None
-
-
 def share_cores_with_parallel_jobs(cfg: DictConfig, hc: object) -> None:
     """Under the joblib launcher (e.g. hydra/launcher=local_parallel), jobs share this machine: unless
     hardware.threads is set, give each job cores // n_jobs torch threads instead of all cores."""
@@ -94,95 +61,14 @@ def share_cores_with_parallel_jobs(cfg: DictConfig, hc: object) -> None:
                                        n_jobs, cores, torch.get_num_threads())
 
 
-def _composition_error(e: Exception, job: list[str]) -> str:
-    """Hydra's multi-line composition error as one line; an unknown key names the keys allowed there."""
-    import re
+def register_plugins() -> None:
+    """fedbench's own Hydra plugins (hydra/launcher=slurm). Hydra finds plugins by scanning the
+    `hydra_plugins` namespace, which an editable install does not expose to its scan: register them."""
+    from hydra.core.plugins import Plugins
 
-    from hydra import compose
-    from omegaconf import OmegaConf
+    from hydra_plugins.fedbench_launcher.slurm import FedbenchSlurmLauncher
 
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    found = re.search(r"Could not override '([^']+)'", text)
-    if found:
-        key = found.group(1)
-        parent, _, leaf = key.rpartition(".")
-        rest = [o for o in job if not o.lstrip("+~").startswith(key + "=")]
-        try:
-            node = OmegaConf.select(compose("config", overrides=rest), parent) if parent else None
-        except Exception:  # noqa: BLE001 - fall back to Hydra's own words
-            node = None
-        if node is not None and OmegaConf.is_dict(node):
-            return f"{key}: unknown key; allowed: {', '.join(sorted(node))}"
-        return f"{key}: unknown key"
-    cause = str(e.__cause__).splitlines()[0] if e.__cause__ is not None else ""
-    return f"{text} {cause}".strip()
-
-
-def unknown_added_key(job: list[str], cfg: object) -> str | None:
-    """A top-level key added with `+` that no part of fedbench reads (e.g. a typo such as +roudns=3)."""
-    from hydra import compose
-
-    def added_key(o: str) -> str | None:
-        key = o.lstrip("+").split("=", 1)[0]
-        top = o.startswith("+") and not o.startswith("++") and "." not in key and "/" not in key
-        return key if top and key not in GROUPS else None  # +experiment=NAME selects a preset
-
-    top = [k for k in map(added_key, job) if k is not None]
-    if not top:
-        return None
-    known = set(compose("config", overrides=[o for o in job if added_key(o) is None]))
-    for key in top:
-        if key not in known:
-            return f"+{key}: unknown top-level key (nothing reads it); allowed: {', '.join(sorted(known))}"
-    return None
-
-
-def missing_sweeper(argv: list[str]) -> str | None:
-    """hydra/sweeper=tune needs the Optuna sweeper plugin (an optional extra)."""
-    import importlib.util
-
-    if "hydra/sweeper=tune" in argv and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        return "hydra/sweeper=tune needs the optional package 'hydra-optuna-sweeper': pip install -e '.[tune]'"
-    return None
-
-
-def preflight(argv: list[str]) -> str | None:
-    """Compose and validate every job's config before Hydra starts anything (a multirun is expanded the
-    way Hydra's basic sweeper does it), so a bad key or value stops the command with one line and no
-    job is launched. Returns the error line, or None. Options other than -m are left to Hydra."""
-    from hydra import compose, initialize_config_module
-
-    from fedbench.errors import ConfigError
-    from fedbench.run.validation import validate
-
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return None
-    overrides = [a for a in argv if not a.startswith("-")]
-    if any(o.startswith("hydra/sweeper=") for o in overrides):
-        return None
-    jobs = [overrides]
-    if multirun:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        jobs = [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        PREFLIGHT_JOBS["n"] = len(jobs)
-    with initialize_config_module(config_module="fedbench.conf", version_base="1.3"):
-        for job in jobs:
-            where = f" (in the job {' '.join(job)})" if multirun else ""
-            try:
-                cfg = compose("config", overrides=job)
-                validate(cfg, check_device=False)
-                unknown = unknown_added_key(job, cfg)
-                if unknown:
-                    return f"{unknown}{where}"
-            except ConfigError as e:
-                return f"{e}{where}"
-            except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf composition errors
-                return f"{_composition_error(e, job)}{where}"
-    return None
+    Plugins.instance().register(FedbenchSlurmLauncher)
 
 
 def _fail(msg: str, code: int) -> None:
@@ -245,6 +131,7 @@ def main() -> None:
     msg = check_group_overrides(argv) or missing_sweeper(argv) or preflight(argv)
     if msg:
         _fail(msg, EXIT_CONFIG)
+    register_plugins()
     _hydra_main()
     if any(a in ("-m", "--multirun") for a in argv):
         from fedbench.sweep import SweepAccount, account

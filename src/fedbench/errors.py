@@ -15,3 +15,7 @@ class Preempted(RuntimeError):
 
 class RunDirBusy(ConfigError):
     """Another fedbench process holds the run dir; nothing in it may be touched."""
+
+
+class RunDirTaken(RunDirBusy):
+    """The run dir holds a run of another config; nothing in it may be touched."""

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fedbench.engine.distributed import SINGLE, World, broadcast
-from fedbench.errors import ConfigError, DivergedError, Preempted
+from fedbench.errors import ConfigError, DivergedError, Preempted, RunDirTaken
 from fedbench.run.build import build_run
 from fedbench.run.callbacks import Callback, CheckpointCallback, DivergenceCallback, StopFlag
 from fedbench.run.evaluation import EvaluationCallback, evaluate_personal
@@ -51,8 +51,8 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any]
         return run_dir, None, None
     checkpoint = load_checkpoint(ckpt_path, resolve_device(str(cfg.hardware.device)))
     if checkpoint["fingerprint"] != fp:
-        raise ConfigError(f"resume: {ckpt_path} was written by a different config; use resume=false "
-                          f"or another run dir")
+        raise RunDirTaken(f"resume: {ckpt_path} was written by a different config; use another run dir "
+                          f"(resume=false starts over in this one)")
     if checkpoint.get("finished") and (run_dir / "summary.json").exists():
         # the same command again (e.g. a sweep restarted after one job failed): keep the result
         log.info("the run in %s already finished; keeping its summary (resume=false runs it again)", run_dir)
@@ -76,7 +76,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             return follow(cfg, world, stop_after)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with run_dir_lock(run_dir):
+        key = "hydra.sweep.dir" if sweep_group is not None else "hydra.run.dir"
+        with run_dir_lock(run_dir, key):
             try:
                 target, checkpoint, finished = resolve_resume(cfg, run_dir)
             except BaseException:
@@ -85,7 +86,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             broadcast((str(target), finished is not None), world)
             if finished is not None:
                 return finished
-            with run_dir_lock(target) if target != run_dir else contextlib.nullcontext():
+            with run_dir_lock(target, key) if target != run_dir else contextlib.nullcontext():
                 run = build_run(cfg, target, checkpoint, sweep_group, world)
                 run.created = started
                 return run_rounds(run, callbacks if callbacks is not None else default_callbacks(cfg, stop_after,

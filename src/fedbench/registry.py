@@ -18,16 +18,20 @@ from typing import Any
 from fedbench.errors import ConfigError
 
 _TABLES: dict[str, dict[str, Any]] = {}
+_CONFIGS: dict[str, dict[str, Any]] = {}  # kind -> name -> the typed config class of that choice
 _PACKAGES = {"method": ("fedbench.methods",), "dataset": ("fedbench.data",),
              "partition": ("fedbench.data",), "backbone": ("fedbench.models",)}
 _DISCOVERED: set[str] = set()
 
 
-def register(kind: str, name: str) -> Callable[[Any], Any]:
-    """Decorator: make `fn` the builder for `kind=name`."""
+def register(kind: str, name: str, config: Any = None) -> Callable[[Any], Any]:
+    """Decorator: make `fn` the builder for `kind=name`; `config` is the typed config class its keys are
+    checked against (a dataclass of `fedbench.config`; methods carry theirs as `Method.Config`)."""
 
     def deco(fn: Any) -> Any:
         _TABLES.setdefault(kind, {})[name] = fn
+        if config is not None:
+            _CONFIGS.setdefault(kind, {})[name] = config
         return fn
 
     return deco
@@ -64,6 +68,12 @@ def lookup(kind: str, name: str, key: str | None = None) -> Any:
     if name not in known:
         raise ConfigError(f"{key or kind}={name!r} is unknown; allowed: {', '.join(sorted(known))}")
     return known[name]
+
+
+def config_class(kind: str, name: str) -> Any:
+    """The typed config class registered for `kind=name`, or None (a plugin without one: not checked)."""
+    discover(kind)
+    return _CONFIGS.get(kind, {}).get(name)
 
 
 def names(kind: str) -> list[str]:

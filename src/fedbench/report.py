@@ -19,6 +19,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fedbench.tracking.files import read_rows
+
 # summary keys that describe the run rather than measure it (left out of the metric columns)
 NOT_METRICS = ("rounds", "n_params", "metrics.target")
 NOT_METRIC_PREFIXES = ("memory/", "warm_start.", "calibration.", "features_info.", "override:")
@@ -164,7 +166,7 @@ def _curves(df: pd.DataFrame, label_cols: list[str], x: str, y: str) -> dict[str
         path = Path(run["run_dir"]) / "metrics.jsonl"
         if not path.exists():
             continue
-        rows = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+        rows = pd.DataFrame(read_rows(path))
         if x not in rows or y not in rows:
             continue
         parts = [f"{_short(c)}={run[c]}" for c in label_cols if not _missing(run[c])]

@@ -6,6 +6,7 @@ real on-disk formats from `dataset.root` and download only when `dataset.downloa
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -16,8 +17,74 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbench.config import GroupConfig, spec
 from fedbench.errors import ConfigError
-from fedbench.registry import register
+from fedbench.registry import lookup, register
+
+# ---- typed configs (the keys of conf/dataset/*.yaml, checked before any work) ------------------
+
+@dataclass(frozen=True)
+class DatasetConfig(GroupConfig):
+    """Keys every dataset has: the global validation split carved out of the training pool."""
+
+    name: str = ""
+    input: str = spec("image", choices=("image", "vector"))  # the kind of inputs (picks the default backbone)
+    val_fraction: float = spec(0.1, ge=0, lt=1)
+    split_seed: int = spec(0, ge=0)
+
+
+@dataclass(frozen=True)
+class HeldOutTestConfig(DatasetConfig):
+    """Datasets without an official test split also hold out `test_fraction`."""
+
+    test_fraction: float = spec(0.2, ge=0, lt=1)
+
+    def __post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"dataset.val_fraction + dataset.test_fraction = "
+                              f"{self.val_fraction + self.test_fraction:g}: must leave training data (< 1)")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig(HeldOutTestConfig):
+    input: str = spec("vector", choices=("vector",))
+    d: int = spec(100, ge=1)                       # features
+    n: int = spec(5000, ge=1)                    # samples before the splits
+    true_density: float = spec(0.1, gt=0, le=1)    # share of non-zero true coefficients
+    corr: float = spec(0.2, gt=-1, lt=1)           # AR(1) correlation of neighbouring features
+    coef: str = spec("normal", choices=("normal", "sign"))
+    generator_seed: int = spec(0, ge=0)
+
+
+@dataclass(frozen=True)
+class SyntheticLinearConfig(SyntheticConfig):
+    d: int = spec(1000, ge=1)
+    n: int = spec(7143, ge=1)
+    true_density: float = spec(0.05, gt=0, le=1)
+    snr: float = spec(20.0, gt=0)                  # Var(x . theta*) / noise variance
+
+
+@dataclass(frozen=True)
+class SyntheticMulticlassConfig(SyntheticConfig):
+    d: int = spec(200, ge=1)
+    true_density: float = spec(0.05, gt=0, le=1)
+    classes: int = spec(5, ge=2)
+
+
+@dataclass(frozen=True)
+class TorchvisionConfig(DatasetConfig):
+    """Real on-disk files under `root` (downloaded only with `download: true`)."""
+
+    root: str = spec("data", nonempty=True)
+    download: bool = False
+
+
+EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
+
+
+@dataclass(frozen=True)
+class EmnistConfig(TorchvisionConfig):
+    split: str = spec("byclass", choices=EMNIST_SPLITS)
 
 
 @dataclass
@@ -54,6 +121,21 @@ class Dataset:
             cast_x(self.x_test), cast_y(self.y_test), self.num_classes, self.task, self.true_support,
             dict(self.info), dict(self.columns),
         )
+
+
+_LOADED: dict[str, Dataset] = {}
+
+
+def load_dataset(cfg: Any) -> Dataset:
+    """The dataset `cfg` (its group config) names, loaded once per process for the same config: the CLI's
+    pre-flight and the run it starts (single runs, the basic launcher) share one load."""
+    from omegaconf import OmegaConf
+
+    key = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    if key not in _LOADED:
+        _LOADED.clear()  # keep one: a sweep over datasets does not pile them up
+        _LOADED[key] = lookup("dataset", str(cfg.name))(cfg)
+    return _LOADED[key]
 
 
 def cache_dir() -> Path:
@@ -108,7 +190,7 @@ def _normalize(x: np.ndarray, mean: float | list[float], std: float | list[float
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-@register("dataset", "mnist5k")
+@register("dataset", "mnist5k", config=HeldOutTestConfig)
 def load_mnist5k(cfg: Any) -> Dataset:
     cached = cache_dir() / "mnist5k.npz"
     if cached.exists():
@@ -126,7 +208,7 @@ def load_mnist5k(cfg: Any) -> Dataset:
     return _from_arrays("mnist5k", x, y.astype(np.int64), cfg, 10)
 
 
-@register("dataset", "digits")
+@register("dataset", "digits", config=HeldOutTestConfig)
 def load_digits(cfg: Any) -> Dataset:
     from sklearn.datasets import load_digits as sk_digits
 
@@ -158,7 +240,7 @@ def sparse_coefficients(d: int, true_density: float, kind: str, rng: np.random.G
     return theta, support
 
 
-@register("dataset", "synthetic_logistic")
+@register("dataset", "synthetic_logistic", config=SyntheticConfig)
 def load_synthetic_logistic(cfg: Any) -> Dataset:
     d, n = int(cfg.d), int(cfg.n)
     rng = np.random.default_rng(int(cfg.get("generator_seed", 0)))
@@ -170,7 +252,7 @@ def load_synthetic_logistic(cfg: Any) -> Dataset:
                         true_support=torch.from_numpy(support), info={"theta_true": theta[:, 0]})
 
 
-@register("dataset", "synthetic_linear")
+@register("dataset", "synthetic_linear", config=SyntheticLinearConfig)
 def load_synthetic_linear(cfg: Any) -> Dataset:
     """y = x . theta* + noise with noise variance Var(x . theta*) / snr (FLoPS's first experiment)."""
     d, n = int(cfg.d), int(cfg.n)
@@ -184,7 +266,7 @@ def load_synthetic_linear(cfg: Any) -> Dataset:
                         true_support=torch.from_numpy(support), info={"theta_true": theta[:, 0]})
 
 
-@register("dataset", "synthetic_multiclass")
+@register("dataset", "synthetic_multiclass", config=SyntheticMulticlassConfig)
 def load_synthetic_multiclass(cfg: Any) -> Dataset:
     """y ~ softmax(x Theta*) with row-sparse Theta* (the same features matter for every class)."""
     d, n, c = int(cfg.d), int(cfg.n), int(cfg.classes)
@@ -239,18 +321,18 @@ def _torchvision_mnist_like(name: str, cls_name: str, cfg: Any, **kwargs: Any) -
                         x_test=xt, y_test=test.targets.numpy().astype(np.int64))
 
 
-@register("dataset", "mnist")
+@register("dataset", "mnist", config=TorchvisionConfig)
 def load_mnist(cfg: Any) -> Dataset:
     return _torchvision_mnist_like("mnist", "MNIST", cfg)
 
 
-@register("dataset", "emnist")
+@register("dataset", "emnist", config=EmnistConfig)
 def load_emnist(cfg: Any) -> Dataset:
     """torchvision EMNIST (`dataset.split`: byclass 62 classes, balanced 47, letters, digits, mnist)."""
     return _torchvision_mnist_like("emnist", "EMNIST", cfg, split=str(cfg.split))
 
 
-@register("dataset", "fashion_mnist")
+@register("dataset", "fashion_mnist", config=TorchvisionConfig)
 def load_fashion_mnist(cfg: Any) -> Dataset:
     return _torchvision_mnist_like("fashion_mnist", "FashionMNIST", cfg)
 
@@ -286,13 +368,13 @@ def _cifar(name: str, cfg: Any, folder: str, train_files: list[str], test_files:
                         x_test=_normalize(xt, mean, std), y_test=yt)
 
 
-@register("dataset", "cifar10")
+@register("dataset", "cifar10", config=TorchvisionConfig)
 def load_cifar10(cfg: Any) -> Dataset:
     return _cifar("cifar10", cfg, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
                   ["test_batch"], "labels", 10, "CIFAR10", [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
 
 
-@register("dataset", "cifar100")
+@register("dataset", "cifar100", config=TorchvisionConfig)
 def load_cifar100(cfg: Any) -> Dataset:
     return _cifar("cifar100", cfg, "cifar-100-python", ["train"], ["test"], "fine_labels", 100, "CIFAR100",
                   [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762])

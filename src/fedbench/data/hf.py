@@ -11,16 +11,33 @@ Columns named in `dataset.keep_columns` (e.g. FEMNIST's writer_id) stay with the
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedbench.data.datasets import Dataset, _from_arrays
+from fedbench.config import spec
+from fedbench.data.datasets import Dataset, HeldOutTestConfig, _from_arrays
 from fedbench.errors import ConfigError
 from fedbench.registry import register
 
 PRESETS = ("hf", "cifar10_hf", "cifar100_hf", "tiny_imagenet_hf", "femnist_hf", "cinic10_hf")
+
+
+@dataclass(frozen=True)
+class HFConfig(HeldOutTestConfig):
+    """conf/dataset/hf.yaml: where the dataset is and which columns hold inputs, labels and kept values."""
+
+    path: str = spec("", nonempty=True)      # hub name or local folder (required)
+    config_name: str | None = None
+    split: str = spec("train", nonempty=True)
+    test_split: str | None = "test"          # null: hold out test_fraction of `split`
+    image_key: str = spec("image", nonempty=True)
+    feature_keys: tuple[str, ...] | None = None   # tabular data: numeric columns instead of images
+    label_key: str = spec("label", nonempty=True)
+    keep_columns: tuple[str, ...] = ()
+    cache_dir: str | None = None
 
 
 def require(module: str, extra: str, what: str) -> Any:
@@ -121,4 +138,4 @@ def load_hf(cfg: Any) -> Dataset:
 
 
 for _name in PRESETS:  # the generic loader and its presets share one reader
-    register("dataset", _name)(load_hf)
+    register("dataset", _name, config=HFConfig)(load_hf)

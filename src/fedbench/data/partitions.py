@@ -5,13 +5,76 @@ All of them fail fast with a ConfigError instead of looping on impossible reques
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedbench.config import GroupConfig, spec
 from fedbench.errors import ConfigError
 from fedbench.registry import register
+
+# ---- typed configs (the keys of conf/partition/*.yaml, checked before any work) ----------------
+
+@dataclass(frozen=True)
+class PartitionConfig(GroupConfig):
+    """Keys every partition has: its seed and the clients' local validation / test splits."""
+
+    name: str = ""
+    seed: int | None = spec(None, ge=0)             # null: the run seed
+    client_val_fraction: float = spec(0.0, ge=0, lt=1)
+    client_test_fraction: float = spec(0.0, ge=0, lt=1)
+
+    def __post_init__(self) -> None:
+        if self.client_val_fraction + self.client_test_fraction >= 1:
+            raise ConfigError(f"partition.client_val_fraction + partition.client_test_fraction = "
+                              f"{self.client_val_fraction + self.client_test_fraction:g}: must leave each "
+                              f"client training samples (< 1)")
+
+
+@dataclass(frozen=True)
+class IidConfig(PartitionConfig):
+    quantity_skew: float = spec(0.0, ge=0)          # lognormal sigma of the client sizes (0: equal sizes)
+    min_samples: int = spec(2, ge=1)
+
+
+@dataclass(frozen=True)
+class DirichletConfig(PartitionConfig):
+    alpha: float = spec(0.5, gt=0)                  # small alpha = more label skew
+    min_samples: int = spec(10, ge=1)               # every client gets at least this many, else redraw
+    max_retries: int = spec(100, ge=1)
+    balance: bool = False                           # cap: a client holding >= n/N samples receives no more
+
+
+@dataclass(frozen=True)
+class ShardsConfig(PartitionConfig):
+    shards_per_client: int = spec(2, ge=1)
+    min_samples: int = spec(1, ge=1)
+
+
+@dataclass(frozen=True)
+class NoniidSConfig(PartitionConfig):
+    rule: str = spec("fedpac", choices=("fedpac", "disjoint"))
+    s: float = spec(0.2, ge=0, le=1)                # iid share of every client's samples
+    group_size: int = spec(3, ge=1)                 # rule fedpac: classes per dominant group
+    group_stride: int = spec(2, ge=1)               # rule fedpac: a new group every group_stride classes
+    groups: int = spec(5, ge=1)                     # rule disjoint: number of disjoint class groups
+    local_size: int | None = spec(None, ge=1)       # samples per client (null: FedPAC's 900 or what fits)
+    min_samples: int = spec(1, ge=1)
+    client_val_fraction: float = spec(0.1, ge=0, lt=1)
+    client_test_fraction: float = spec(1 / 3, ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class NaturalConfig(PartitionConfig):
+    key: str = spec("writer_id", nonempty=True)     # the kept column naming each sample's owner
+
+
+@dataclass(frozen=True)
+class FlwrConfig(PartitionConfig):
+    partitioner: str = spec("IidPartitioner", nonempty=True)  # a flwr-datasets partitioner class name
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -45,7 +108,7 @@ def _check_common(n_samples: int, n_clients: int, min_samples: int) -> None:
                           f"{n_samples} training samples; lower one of them")
 
 
-@register("partition", "iid")
+@register("partition", "iid", config=IidConfig)
 def iid(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
         columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     n = len(labels)
@@ -65,7 +128,7 @@ def iid(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
     return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
-@register("partition", "dirichlet")
+@register("partition", "dirichlet", config=DirichletConfig)
 def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
         columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     alpha = float(cfg.alpha)
@@ -104,7 +167,7 @@ def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Gener
     )
 
 
-@register("partition", "shards")
+@register("partition", "shards", config=ShardsConfig)
 def shards(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
         columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     per_client = int(cfg.get("shards_per_client", 2))
@@ -174,7 +237,7 @@ def partition_stats(part: Partition, labels: np.ndarray, num_classes: int) -> di
     }
 
 
-@register("partition", "noniid_s")
+@register("partition", "noniid_s", config=NoniidSConfig)
 def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
              columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """FedPAC / FedeCouple split (`rule: fedpac`, as JianXu95/FedPAC's data_loader): each client gets
@@ -275,7 +338,7 @@ def _noniid_s_disjoint(labels: np.ndarray, classes: np.ndarray, n_clients: int, 
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 
-@register("partition", "natural")
+@register("partition", "natural", config=NaturalConfig)
 def natural(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
             columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """One client per distinct value of the column `partition.key` (a writer, a speaker, a user), each with
@@ -294,7 +357,7 @@ def natural(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generat
     return [np.sort(order[bounds[v]:bounds[v + 1]]) for v in chosen]
 
 
-@register("partition", "flwr")
+@register("partition", "flwr", config=FlwrConfig)
 def flwr(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
          columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Any flwr-datasets partitioner by class name, applied to the labels (optional extra `hf`)."""

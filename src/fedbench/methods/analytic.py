@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedbench.config import MethodConfig
+from fedbench.config import MethodConfig, spec
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Method, RunSpec
 from fedbench.metrics.comm import DENSE, SYMMETRIC, Payload
@@ -25,17 +25,15 @@ STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 @dataclasses.dataclass(frozen=True)
 class AnalyticConfig(MethodConfig):
-    ridge: float = 1.0             # gamma in W = (sum C_k + gamma I)^-1 sum Q_k
-    stats_dtype: str = "float64"   # dtype clients accumulate statistics in and the server solves in
-    payload_dtype: str = "float32"  # dtype of every tensor sent (float32 as the official code; float64: exact)
+    ridge: float = spec(1.0, ge=0)  # gamma in W = (sum C_k + gamma I)^-1 sum Q_k
+    # dtype clients accumulate statistics in and the server solves in
+    stats_dtype: str = spec("float64", choices=tuple(STATS_DTYPES))
+    # dtype of every tensor sent (float32 as the official code; float64: exact)
+    payload_dtype: str = spec("float32", choices=tuple(STATS_DTYPES))
     upper_triangle: bool = False   # count only the upper triangle of symmetric uploads
 
-    def __post_init__(self) -> None:
-        for key, value in (("stats_dtype", self.stats_dtype), ("payload_dtype", self.payload_dtype)):
-            if value not in STATS_DTYPES:
-                raise ConfigError(f"method.{key}={value}: allowed: {', '.join(STATS_DTYPES)}")
-        if self.ridge < 0:
-            raise ConfigError(f"method.ridge={self.ridge}: must be >= 0")
+    def __post_init__(self) -> None:  # subclasses call it for their cross-key checks
+        return None
 
 
 class AnalyticMethod(Method):

@@ -52,10 +52,9 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from fedbench.config import MethodConfig
+from fedbench.config import MethodConfig, spec
 from fedbench.engine.functional import grad, mean_share, plain_eager
 from fedbench.engine.protocol import ClientFns, RoundContext, RunContext, Tensors
-from fedbench.errors import ConfigError
 from fedbench.metrics.comm import Payload
 
 
@@ -173,22 +172,17 @@ class Method:
 
 @dataclasses.dataclass(frozen=True)
 class LocalSGDConfig(MethodConfig):
-    momentum: float = 0.0          # client SGD momentum (its state lives in the local state, reset each round)
-    weight_decay: float = 0.0
-    server_lr: float = 1.0
-    server_momentum: float = 0.0   # > 0: FedAvgM
-    bn: str = "batch"              # BatchNorm in local training: batch statistics (updated) | frozen (the
+    # client SGD momentum (its state lives in the local state, reset each round)
+    momentum: float = spec(0.0, ge=0, lt=1)
+    weight_decay: float = spec(0.0, ge=0)
+    server_lr: float = spec(1.0, gt=0)
+    server_momentum: float = spec(0.0, ge=0, lt=1)  # > 0: FedAvgM
+    # BatchNorm in local training: batch statistics (updated) | frozen (the
+    bn: str = spec("batch", choices=("batch", "frozen"))
                                    # starting statistics, never updated: FedSQ's default, a control for it)
 
-    def __post_init__(self) -> None:
-        if self.bn not in ("batch", "frozen"):
-            raise ConfigError(f"method.bn={self.bn!r}: allowed: batch, frozen")
-        for key, value in (("momentum", self.momentum), ("server_momentum", self.server_momentum)):
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"method.{key}={value}: must be in [0, 1)")
-        if self.weight_decay < 0 or self.server_lr <= 0:
-            raise ConfigError(f"method.weight_decay={self.weight_decay}, method.server_lr={self.server_lr}: "
-                              f"weight_decay must be >= 0 and server_lr > 0")
+    def __post_init__(self) -> None:  # subclasses call it for their cross-key checks
+        return None
 
 
 class LocalSGDMethod(Method):

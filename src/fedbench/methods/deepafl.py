@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedbench.config import spec
 from fedbench.engine.protocol import ClientFns, RoundContext
-from fedbench.errors import ConfigError
 from fedbench.methods.analytic import AnalyticConfig, AnalyticMethod, ridge_solve, sandwich_solve
 from fedbench.metrics.comm import CACHED, Payload
 from fedbench.registry import register
@@ -37,22 +37,15 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": to
 
 @dataclasses.dataclass(frozen=True)
 class DeepAFLConfig(AnalyticConfig):
-    T: int = 20                    # residual blocks: 2T + 1 rounds
-    h: int = 1024                  # width of the representation Phi
-    f: int = 1024                  # width of each block's random features F
-    residual_ridge: float = 0.05   # gamma of the sandwiched least squares
-    activation: str = "gelu"       # gelu | relu | tanh | sigmoid
-    random_seed: int = 0           # shared seed of the random maps (never sent: 0 bytes)
-    init: str = "linear"           # linear: nn.Linear's U(+-1/sqrt(fan_in)) (official code); normal: N(0, 1/fan_in)
+    T: int = spec(20, ge=0)  # residual blocks: 2T + 1 rounds
+    h: int = spec(1024, ge=1)  # width of the representation Phi
+    f: int = spec(1024, ge=1)  # width of each block's random features F
+    residual_ridge: float = spec(0.05, gt=0)  # gamma of the sandwiched least squares
+    activation: str = spec("gelu", choices=tuple(ACTIVATIONS))  # gelu | relu | tanh | sigmoid
+    random_seed: int = spec(0, ge=0)  # shared seed of the random maps (never sent: 0 bytes)
+    # linear: nn.Linear's U(+-1/sqrt(fan_in)) (official code); normal: N(0, 1/fan_in)
+    init: str = spec("linear", choices=("linear", "normal"))
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.init not in ("linear", "normal"):
-            raise ConfigError(f"method.init={self.init!r}: allowed: linear, normal")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"method.activation={self.activation}: allowed: {', '.join(ACTIVATIONS)}")
-        if self.T < 0 or self.h < 1 or self.f < 1:
-            raise ConfigError("method.T must be >= 0 and method.h, method.f >= 1")
 
 
 def linear_init(fan_in: int, fan_out: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

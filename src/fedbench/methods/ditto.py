@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.methods.base import LocalSGDConfig, Tensors
 from fedbench.methods.personal import PersonalizedMethod, per_client
@@ -18,7 +19,7 @@ from fedbench.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class DittoConfig(LocalSGDConfig):
-    lam: float = 0.1   # pull of the personal model toward the global one
+    lam: float = spec(0.1, ge=0)  # pull of the personal model toward the global one
 
 
 @register("method", "ditto")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.methods.base import LocalSGDConfig, Tensors
 from fedbench.methods.personal import PersonalizedMethod
@@ -17,8 +18,8 @@ from fedbench.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class FedBABUConfig(LocalSGDConfig):
-    finetune_steps: int = 10     # full-batch head steps before a client predicts
-    finetune_lr: float = 0.05
+    finetune_steps: int = spec(10, ge=0)  # full-batch head steps before a client predicts
+    finetune_lr: float = spec(0.05, gt=0)
 
 
 @register("method", "fedbabu")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
@@ -57,21 +58,27 @@ def fair_weights(sizes: torch.Tensor, similarity: torch.Tensor, temperature: flo
 
 @dataclasses.dataclass(frozen=True)
 class FedeCoupleConfig(LocalSGDConfig):
-    phase_order: tuple[str, ...] = PHASES         # any ordering / subset of the three phases
-    phase_fractions: tuple[float, ...] = (0.5, 0.2, 0.3)  # share of each client's local steps per phase
-    anchors: str = "ema"          # ema: running class means of the client's own features | seeded: shared fixed
-    anchor_momentum: float = 0.9  # ema anchors
-    anchor_seed: int = 0          # seeded anchors
-    anchor_scale: float = 1.0
-    anchor_weight: float = 1.0        # mu: anchor (center) loss in glf_global
-    anchor_weight_local: float = 0.0  # anchor loss in glf_local
-    kd_weight: float = 1.0            # kappa_0 of the GPC distillation
-    kd_schedule: str = "linear_decay"  # linear_decay: kappa_t = kappa_0 (1 - (t-1)/R) | constant
-    kd_temperature: float = 2.0
-    sim_temperature: float = 1.0  # aggregation weight ~ n_i exp(cos(delta_i, mean delta) / T)
-    clip_low: float = 0.5         # each weight held in [clip_low, clip_high] / K
-    clip_high: float = 2.0
-    eval_extractor: str = "local"  # local: client i predicts with its own extractor | global
+    # any ordering / subset of the three phases
+    phase_order: tuple[str, ...] = spec(PHASES, choices=PHASES)
+    # share of each client's local steps per phase
+    phase_fractions: tuple[float, ...] = spec((0.5, 0.2, 0.3), ge=0, le=1)
+    # ema: running class means of the client's own features | seeded: shared fixed
+    anchors: str = spec("ema", choices=("ema", "seeded"))
+    anchor_momentum: float = spec(0.9, ge=0, lt=1)  # ema anchors
+    anchor_seed: int = spec(0, ge=0)  # seeded anchors
+    anchor_scale: float = spec(1.0, gt=0)
+    anchor_weight: float = spec(1.0, ge=0)  # mu: anchor (center) loss in glf_global
+    anchor_weight_local: float = spec(0.0, ge=0)  # anchor loss in glf_local
+    kd_weight: float = spec(1.0, ge=0)  # kappa_0 of the GPC distillation
+    # linear_decay: kappa_t = kappa_0 (1 - (t-1)/R) | constant
+    kd_schedule: str = spec("linear_decay", choices=("linear_decay", "constant"))
+    kd_temperature: float = spec(2.0, gt=0)
+    # aggregation weight ~ n_i exp(cos(delta_i, mean delta) / T)
+    sim_temperature: float = spec(1.0, gt=0)
+    clip_low: float = spec(0.5, ge=0)  # each weight held in [clip_low, clip_high] / K
+    clip_high: float = spec(2.0, gt=0)
+    # local: client i predicts with its own extractor | global
+    eval_extractor: str = spec("local", choices=("local", "global"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,11 +89,9 @@ class FedeCoupleConfig(LocalSGDConfig):
         fr = list(self.phase_fractions)
         if len(fr) != len(order) or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
             raise ConfigError(f"method.phase_fractions={fr}: {len(order)} non-negative shares summing to 1")
-        for key, value, allowed in (("anchors", self.anchors, ("ema", "seeded")),
-                                    ("kd_schedule", self.kd_schedule, ("linear_decay", "constant")),
-                                    ("eval_extractor", self.eval_extractor, ("local", "global"))):
-            if value not in allowed:
-                raise ConfigError(f"method.{key}={value}: allowed: {', '.join(allowed)}")
+        if self.clip_low > self.clip_high:
+            raise ConfigError(f"method.clip_low={self.clip_low:g} > method.clip_high={self.clip_high:g}: the "
+                              f"aggregation weights are held in [clip_low, clip_high] / K; clip_low <= clip_high")
 
 
 @register("method", "fedecouple")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
@@ -81,22 +82,19 @@ def simplex_qp(p: torch.Tensor, tol: float = 1e-12, max_iter: int = 500) -> torc
 
 @dataclasses.dataclass(frozen=True)
 class FedPACConfig(LocalSGDConfig):
-    momentum: float = 0.5           # the official code's SGD (both phases)
-    weight_decay: float = 5e-4
-    lam: float = 1.0                # weight of the feature alignment (MSE to the global prototypes)
-    head_epochs: int = 1            # classifier epochs per round (official: 1)
-    body_epochs: int = 5            # extractor epochs per round (official: --local_epoch 5)
-    head_lr: float = 0.1            # the classifier's learning rate (official: 0.1; the body uses lr)
+    momentum: float = spec(0.5, ge=0, lt=1)  # the official code's SGD (both phases)
+    weight_decay: float = spec(5e-4, ge=0)
+    lam: float = spec(1.0, ge=0)  # weight of the feature alignment (MSE to the global prototypes)
+    head_epochs: int = spec(1, ge=1)  # classifier epochs per round (official: 1)
+    body_epochs: int = spec(5, ge=0)  # extractor epochs per round (official: --local_epoch 5)
+    # the classifier's learning rate (official: 0.1; the body uses lr)
+    head_lr: float = spec(0.1, gt=0)
     combine: bool = True            # classifier collaboration (false: every client keeps its own classifier)
-    weight_eps: float = 1e-3        # combination weights below this are zeroed (official)
+    # combination weights below this are zeroed (official)
+    weight_eps: float = spec(1e-3, ge=0, lt=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_epochs < 1 or self.body_epochs < 0:
-            raise ConfigError(f"method.head_epochs={self.head_epochs}, method.body_epochs={self.body_epochs}: "
-                              f"head_epochs must be >= 1 (its first epoch collects the statistics), body >= 0")
-        if self.lam < 0 or self.head_lr <= 0 or not 0 <= self.weight_eps < 1:
-            raise ConfigError("method.lam must be >= 0, method.head_lr > 0 and method.weight_eps in [0, 1)")
 
 
 @register("method", "fedpac")

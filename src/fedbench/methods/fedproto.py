@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
@@ -23,7 +24,7 @@ from fedbench.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class FedProtoConfig(LocalSGDConfig):
-    lam: float = 1.0   # weight of the prototype pull
+    lam: float = spec(1.0, ge=0)  # weight of the prototype pull
 
 
 @register("method", "fedproto")

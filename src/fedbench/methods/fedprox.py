@@ -6,19 +6,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedbench.errors import ConfigError
+from fedbench.config import spec
 from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
 from fedbench.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
 class FedProxConfig(LocalSGDConfig):
-    mu: float = 0.01   # weight of the proximal term
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mu < 0:
-            raise ConfigError(f"method.mu={self.mu}: must be >= 0")
+    mu: float = spec(0.01, ge=0)  # weight of the proximal term
 
 
 @register("method", "fedprox")

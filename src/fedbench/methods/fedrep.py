@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fedbench.config import spec
 from fedbench.errors import ConfigError
 from fedbench.methods.base import LocalSGDConfig
 from fedbench.methods.personal import PersonalizedMethod
@@ -20,14 +21,13 @@ from fedbench.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class FedRepConfig(LocalSGDConfig):
-    head_epochs: int = 10                # local epochs of the head per round (paper: 10)
-    body_epochs: int = 1                 # then local epochs of the body (paper: 1)
-    head_fraction: float | None = None   # set: the run's local_epochs/local_steps, this share on the head
+    head_epochs: int = spec(10, ge=0)  # local epochs of the head per round (paper: 10)
+    body_epochs: int = spec(1, ge=0)  # then local epochs of the body (paper: 1)
+    # set: the run's local_epochs/local_steps, this share on the head
+    head_fraction: float | None = spec(None, ge=0, le=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_fraction is not None and not 0.0 <= self.head_fraction <= 1.0:
-            raise ConfigError(f"method.head_fraction={self.head_fraction}: must be in [0, 1] or null")
         if self.head_epochs < 0 or self.body_epochs < 0 or self.head_epochs + self.body_epochs < 1:
             raise ConfigError(f"method.head_epochs={self.head_epochs}, method.body_epochs={self.body_epochs}: "
                               f"must be >= 0 with at least one epoch in all")

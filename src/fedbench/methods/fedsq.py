@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fedbench.config import spec
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod
@@ -28,23 +29,22 @@ log = logging.getLogger("fedbench")
 
 @dataclasses.dataclass(frozen=True)
 class FedSQConfig(LocalSGDConfig):
-    gates: tuple[str, ...] = ("relu", "relu6")  # activations whose regime the structural copy fixes
+    # activations whose regime the structural copy fixes
+    gates: tuple[str, ...] = spec(("relu", "relu6"), choices=("relu", "relu6"))
     max_pool_gating: bool = False   # true: every MaxPool2d takes the value at the structural copy's argmax
-    bn: str = "frozen"              # quantitative BatchNorm: frozen (pretrained statistics) | batch
-    calibration_epochs: int = 0     # central calibration: fine-tune k epochs before freezing the structure
-    calibration_fraction: float = 0.05  # ... on a server-held sample of this share of the pooled training data
-    calibration_lr: float = 0.01        # (reconstructed; SGD momentum 0.9)
-    calibration_batch_size: int = 32
+    # quantitative BatchNorm: frozen (pretrained statistics) | batch
+    bn: str = spec("frozen", choices=("batch", "frozen"))
+    # central calibration: fine-tune k epochs before freezing the structure
+    calibration_epochs: int = spec(0, ge=0)
+    # ... on a server-held sample of this share of the pooled training data
+    calibration_fraction: float = spec(0.05, gt=0, le=1)
+    calibration_lr: float = spec(0.01, gt=0)  # (reconstructed; SGD momentum 0.9)
+    calibration_batch_size: int = spec(32, ge=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.calibration_epochs < 0:
-            raise ConfigError(f"method.calibration_epochs={self.calibration_epochs}: must be >= 0")
-        if not 0.0 < self.calibration_fraction <= 1.0:
-            raise ConfigError(f"method.calibration_fraction={self.calibration_fraction}: must be in (0, 1]")
-        bad = set(self.gates) - {"relu", "relu6"}
-        if bad:
-            raise ConfigError(f"method.gates={sorted(bad)}: allowed: relu, relu6")
+        if not self.gates:
+            raise ConfigError("method.gates=[]: name at least one activation (relu, relu6)")
 
 
 @register("method", "fedsq")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedbench.config import MethodConfig
+from fedbench.config import MethodConfig, spec
 from fedbench.engine.functional import grad, weighted_mean
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
@@ -64,50 +64,47 @@ def check_prune_start(prune_start: int | None, total_rounds: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig(MethodConfig):
-    target_density: float = 0.05   # rho: the final model keeps floor(rho * D) of the D gated entries
-    prune_start: int | None = None  # round from which the server scales the gates apart (null: never)
-    gated: str = "weights"          # weights (tensors with >= 2 dims; biases not gated) | all | a regex on names
+    # rho: the final model keeps floor(rho * D) of the D gated entries
+    target_density: float = spec(0.05, gt=0, le=1)
+    # round from which the server scales the gates apart (null: never)
+    prune_start: int | None = spec(None, ge=0)
+    # weights (tensors with >= 2 dims; biases not gated) | all | a regex on names
+    gated: str = spec("weights", nonempty=True)
 
-    def __post_init__(self) -> None:
-        if not 0 < self.target_density <= 1:
-            raise ConfigError(f"method.target_density={self.target_density}: must be in (0, 1]")
+    def __post_init__(self) -> None:  # subclasses call it for their cross-key checks
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
 class GatedConfig(SparsityConfig):
     """Shared by FLoPS and FLoPS-PA. The schedule details are RECONSTRUCTED (see the README)."""
 
-    rho_init: float = 0.95           # dense start: sigmoid(log_alpha) = rho_init
-    log_alpha_init_std: float = 0.01
-    log_alpha_max: float = 10.0      # |log_alpha| clamp; 10 allows P(z != 0) down to 2e-4
-    eta_phi: float = 0.05            # server step on log_alpha (FLoPS-PA: of the penalty)
-    eta_lambda: float | None = 0.1   # dual step on the mean constraint (null: 1/D)
-    penalty: str = "sum"             # sum: per-gate L0 gradient | mean: of the mean constraint (/D)
-    scale_factor: float = 0.5        # gate scaling step after prune_start ...
-    decay: float = 1.0               # ... times decay^(round - prune_start)
-    project: str = "final"           # exact m open gates: final (last round) | always | never
-    rank_by: str = "saliency"        # saliency: P(z != 0) * |theta_tilde| | log_alpha
-    project_margin: float = 0.5
-    gate_seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key, value, allowed in (("penalty", self.penalty, ("sum", "mean")),
-                                    ("project", self.project, ("final", "always", "never")),
-                                    ("rank_by", self.rank_by, ("saliency", "log_alpha"))):
-            if value not in allowed:
-                raise ConfigError(f"method.{key}={value}: allowed: {', '.join(allowed)}")
+    rho_init: float = spec(0.95, gt=0, lt=1)  # dense start: sigmoid(log_alpha) = rho_init
+    log_alpha_init_std: float = spec(0.01, ge=0)
+    log_alpha_max: float = spec(10.0, gt=0)  # |log_alpha| clamp; 10 allows P(z != 0) down to 2e-4
+    eta_phi: float = spec(0.05, ge=0)  # server step on log_alpha (FLoPS-PA: of the penalty)
+    eta_lambda: float | None = spec(0.1, ge=0)  # dual step on the mean constraint (null: 1/D)
+    # sum: per-gate L0 gradient | mean: of the mean constraint (/D)
+    penalty: str = spec("sum", choices=("sum", "mean"))
+    scale_factor: float = spec(0.5, ge=0)  # gate scaling step after prune_start ...
+    decay: float = spec(1.0, gt=0)  # ... times decay^(round - prune_start)
+    # exact m open gates: final (last round) | always | never
+    project: str = spec("final", choices=("final", "always", "never"))
+    # saliency: P(z != 0) * |theta_tilde| | log_alpha
+    rank_by: str = spec("saliency", choices=("saliency", "log_alpha"))
+    project_margin: float = spec(0.5, ge=0)
+    gate_seed: int = spec(0, ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class FLoPSConfig(GatedConfig):
-    eta_theta: float = 0.05   # server step on theta_tilde
-    lr_decay: float = 1.0     # multiply eta_theta and eta_phi by this every round
+    eta_theta: float = spec(0.05, gt=0)  # server step on theta_tilde
+    lr_decay: float = spec(1.0, gt=0)  # multiply eta_theta and eta_phi by this every round
 
 
 @dataclasses.dataclass(frozen=True)
 class FLoPSPAConfig(GatedConfig):
-    eta_phi_local: float = 0.05   # client step on log_alpha
+    eta_phi_local: float = spec(0.05, ge=0)  # client step on log_alpha
 
 
 class GatedMethod(Method):

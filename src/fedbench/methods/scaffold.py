@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from fedbench.config import spec
 from fedbench.engine.functional import mean_share
 from fedbench.engine.protocol import RoundContext
-from fedbench.errors import ConfigError
 from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
@@ -27,12 +27,8 @@ WEIGHTINGS = ("uniform", "samples")
 
 @dataclasses.dataclass(frozen=True)
 class ScaffoldConfig(LocalSGDConfig):
-    weighting: str = "uniform"   # uniform: Algorithm 1's plain mean of model deltas; samples: weighted by n_k
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"method.weighting={self.weighting!r}: allowed: {', '.join(WEIGHTINGS)}")
+    # uniform: Algorithm 1's plain mean of model deltas; samples: weighted by n_k
+    weighting: str = spec("uniform", choices=WEIGHTINGS)
 
 
 @register("method", "scaffold")

@@ -4,13 +4,55 @@ so the same module works under torch.func transforms."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedbench.config import GroupConfig, spec
 from fedbench.errors import ConfigError
 from fedbench.registry import lookup, register
+
+# ---- typed configs (the keys of conf/backbone/*.yaml, checked before any work) -----------------
+
+@dataclass(frozen=True)
+class BackboneConfig(GroupConfig):
+    name: str = ""
+    input: str = spec("any", choices=("image", "any"))   # the inputs this backbone takes
+    norm: str = spec("none", choices=("none",))          # no normalisation layers to choose
+
+
+@dataclass(frozen=True)
+class ImageBackboneConfig(BackboneConfig):
+    input: str = spec("image", choices=("image",))
+
+
+@dataclass(frozen=True)
+class MLPConfig(BackboneConfig):
+    hidden: tuple[int, ...] = spec((200, 200), ge=1)     # widths of the hidden layers
+
+
+@dataclass(frozen=True)
+class PacCNNConfig(GroupConfig):
+    name: str = ""
+    input: str = spec("image", choices=("image",))
+    third_conv: bool | None = None   # null: a third conv block for colour images (CifarCNN)
+
+
+RESNET_WIDTH = 64  # channels of the first stage: GroupNorm groups must divide it (and so every stage)
+
+
+@dataclass(frozen=True)
+class ResNetConfig(ImageBackboneConfig):
+    norm: str = spec("group", choices=("group", "batch", "none"))
+    groups: int = spec(2, ge=1, le=RESNET_WIDTH)
+
+    def __post_init__(self) -> None:
+        if RESNET_WIDTH % self.groups:
+            allowed = [g for g in range(1, RESNET_WIDTH + 1) if RESNET_WIDTH % g == 0]
+            raise ConfigError(f"backbone.groups={self.groups}: must divide {RESNET_WIDTH} (the channels of the "
+                              f"first stage); allowed: {', '.join(map(str, allowed))}")
 
 
 class Split(nn.Module):
@@ -30,12 +72,12 @@ def _feature_dim(body: nn.Module, input_shape: tuple[int, ...]) -> int:
         return int(body(torch.zeros(1, *input_shape)).shape[-1])
 
 
-@register("backbone", "logreg")
+@register("backbone", "logreg", config=BackboneConfig)
 def logreg(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     return Split(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
 
 
-@register("backbone", "mlp")
+@register("backbone", "mlp", config=MLPConfig)
 def mlp(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
@@ -50,7 +92,7 @@ def _pool_if_large(size: int) -> nn.Module:
     return nn.MaxPool2d(2) if size >= 4 else nn.Identity()
 
 
-@register("backbone", "cnn")
+@register("backbone", "cnn", config=ImageBackboneConfig)
 def cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """The CNN of McMahan et al. 2017 (conv5x5-32, pool, conv5x5-64, pool, fc512, fc)."""
     c, h = input_shape[0], input_shape[-1]
@@ -65,7 +107,7 @@ def cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     return Split(body, nn.Linear(512, num_classes))
 
 
-@register("backbone", "pac_cnn")
+@register("backbone", "pac_cnn", config=PacCNNConfig)
 def pac_cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """The CNNs of FedPAC's official code (models/cnn.py): conv5x5-16, pool, conv5x5-32 (padding 1), pool,
     [conv3x3-64 (padding 1), pool: colour images, CifarCNN], fc128, leaky ReLU; a linear classifier."""
@@ -81,7 +123,7 @@ def pac_cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     return Split(body, nn.Linear(128, num_classes))
 
 
-@register("backbone", "lenet5")
+@register("backbone", "lenet5", config=ImageBackboneConfig)
 def lenet5(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     c, h = input_shape[0], input_shape[-1]
     body = nn.Sequential(
@@ -128,7 +170,7 @@ class BasicBlock(nn.Module):
         return self.act2(out + self.short(x))
 
 
-@register("backbone", "resnet18")
+@register("backbone", "resnet18", config=ResNetConfig)
 def resnet18(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """ResNet-18 with a 3x3 stride-1 stem (CIFAR-style); BatchNorm or GroupNorm."""
     norm, groups = str(cfg.get("norm", "group")), int(cfg.get("groups", 2))

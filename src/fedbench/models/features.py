@@ -16,6 +16,12 @@ from fedbench.models.warmstart import apply_warm_start, pretrain
 log = logging.getLogger("fedbench")
 
 
+def extractor_config(fcfg: DictConfig) -> DictConfig:
+    """The backbone config of the frozen extractor `features.extractor` (its resolution, if set)."""
+    extra = {k: v for k, v in fcfg.items() if k not in ("extractor", "weights", "seed", "batch") and v is not None}
+    return OmegaConf.create({"name": str(fcfg.extractor), **extra})
+
+
 @torch.no_grad()
 def extract_features(cfg: DictConfig, dataset: Any, seed: int) -> dict[str, Any] | None:
     """Replace every split's inputs by the features of a frozen backbone body, computed once.
@@ -27,11 +33,10 @@ def extract_features(cfg: DictConfig, dataset: Any, seed: int) -> dict[str, Any]
         return None
     name = str(fcfg.extractor)
     torch.manual_seed(int(fcfg.get("seed", seed)))
-    extra = {k: v for k, v in fcfg.items() if k not in ("extractor", "weights", "seed", "batch") and v is not None}
-    net = build_model(OmegaConf.create({"name": name, **extra}), dataset.input_shape, dataset.num_classes)
+    net = build_model(extractor_config(fcfg), dataset.input_shape, dataset.num_classes)
     source = "random init (seed)"
     if str(fcfg.get("weights")) == "warm_start":  # the backbone pretrained centrally on warm_start.source
-        state, provenance = pretrain(OmegaConf.create({"name": name, **extra}), cfg.warm_start, dataset.input_shape)
+        state, provenance = pretrain(extractor_config(fcfg), cfg.warm_start, dataset.input_shape)
         apply_warm_start(net, state)
         source = f"warm start on {cfg.warm_start.source} ({provenance['warm_start.checkpoint']})"
     elif fcfg.get("weights"):

@@ -14,6 +14,7 @@ resized to `resolution`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedbench.config import spec
 from fedbench.errors import ConfigError
-from fedbench.models.backbones import Split
+from fedbench.models.backbones import ImageBackboneConfig, Split
 from fedbench.registry import register
+
+
+@dataclass(frozen=True)
+class PretrainedConfig(ImageBackboneConfig):
+    weights: str = spec("imagenet", nonempty=True)   # imagenet | none | /path/to/state_dict.pt
+    resolution: int | None = spec(224, ge=16)        # inputs are resized to this (null: as they come)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise ConfigError(f"backbone.weights={self.weights}: allowed: imagenet, none or the path of a state "
+                              f"dict file (no such file)")
 
 
 class InputAdapter(nn.Module):
@@ -74,7 +87,7 @@ def load_efficientnet_lite0_imagenet() -> nn.Module:
     return net
 
 
-@register("backbone", "efficientnet_lite0")
+@register("backbone", "efficientnet_lite0", config=PretrainedConfig)
 def efficientnet_lite0(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     weights = str(cfg.get("weights", "imagenet") or "none")
     if weights == "imagenet":
@@ -107,7 +120,7 @@ def load_state_dict_file(net: nn.Module, weights: str) -> None:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
 
 
-@register("backbone", "resnet18_imagenet")
+@register("backbone", "resnet18_imagenet", config=PretrainedConfig)
 def resnet18_imagenet(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     import torchvision
 
@@ -121,7 +134,7 @@ def resnet18_imagenet(cfg: Any, input_shape: tuple[int, ...], num_classes: int) 
     return Split(body, nn.Linear(feat_dim, num_classes))
 
 
-@register("backbone", "alexnet_imagenet")
+@register("backbone", "alexnet_imagenet", config=PretrainedConfig)
 def alexnet_imagenet(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """torchvision AlexNet: the body ends at the second 4096-unit layer (ReLU), the head is a new
     4096 -> classes layer. Dropout layers are kept (off in eval mode)."""

@@ -19,17 +19,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
+from fedbench.data.datasets import load_dataset
 from fedbench.data.partitions import Partition, make_partition, partition_stats
 from fedbench.engine.distributed import SINGLE, ShardedExecutor, World
 from fedbench.engine.executors import Executor, pick_executor, resolve_memory_format
 from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.engine.protocol import RoundContext, RunContext
+from fedbench.errors import ConfigError
 from fedbench.methods.base import Method, RunSpec
 from fedbench.metrics.tracker import BestTracker
 from fedbench.models.backbones import build_model
-from fedbench.models.features import extract_features
+from fedbench.models.features import extract_features, extractor_config
 from fedbench.models.warmstart import apply_warm_start, pretrain
-from fedbench.registry import lookup
 from fedbench.run.artefacts import write_partition
 from fedbench.run.state import RunState, fingerprint
 from fedbench.run.validation import DTYPES, method_config, resolve_device
@@ -106,7 +107,7 @@ def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch
               write: bool = True) -> tuple[Any, Partition, dict]:
     """The dataset on the run's device, its partition (written to run_dir), and the partition's statistics.
     Label-skew partitions of a regression task skew the target: 10 quantile bins of y."""
-    dataset = lookup("dataset", str(cfg.dataset.name))(cfg.dataset)
+    dataset = load_dataset(cfg.dataset)
     labels = dataset.y_train.numpy()
     if dataset.task == "regression":
         edges = np.quantile(labels, np.linspace(0, 1, 11)[1:-1])
@@ -231,3 +232,63 @@ def choose_executor(run: Run) -> Executor:
     conv_layout = ", conv weights channels_last" if layout is not None and executor.name == "sequential" else ""
     log.info("executor: %s (%s)%s", executor.name, why, conv_layout)
     return executor
+
+
+def dry_build(cfg: DictConfig) -> None:
+    """What `build_run` does before round 1 that can fail on a wrong value, on the CPU and writing
+    nothing: the data, the partition, the frozen-feature extractor and the backbone (one forward pass
+    each), the method's set-up, the memory several workers need. The CLI runs it for every job before
+    Hydra starts any (the warm start, FedSQ's calibration and the feature extraction itself are the
+    run's work and are left to it)."""
+    dtype = torch.float64 if str(cfg.hardware.dtype) == "float64" else torch.float32
+    device = torch.device("cpu")
+    dataset, part, _ = load_data(cfg, Path("."), device, dtype, write=False)
+    probe = dataset.x_train[:2]
+    if str(OmegaConf.select(cfg, "features.extractor", default="none")) != "none":
+        extractor = build_model(extractor_config(cfg.features), dataset.input_shape, dataset.num_classes)
+        probe = _probe(extractor.body.to(dtype), probe, f"features.extractor={cfg.features.extractor}", dataset.name)
+    ctx = dataclasses.replace(run_context(cfg, dataset, part, device), in_features=math.prod(probe.shape[1:]))
+    method_cls, method_cfg = method_config(cfg)
+    method = method_cls(method_cfg)
+    if method.uses_backbone:
+        model = build_model(cfg.backbone, tuple(probe.shape[1:]), dataset.num_classes).to(dtype)
+        _probe(model, probe, f"backbone={cfg.backbone.name}", dataset.name)
+        params, buffers = split_state(model.train())
+        ctx = dataclasses.replace(ctx, model=model, loss_fn=make_loss_fn(model, dataset.task), params=params,
+                                  buffers=buffers)
+    method.setup(ctx)
+    _check_memory(int(cfg.hardware.workers), dataset)
+
+
+def _probe(net: torch.nn.Module, x: torch.Tensor, what: str, dataset: str) -> torch.Tensor:
+    """One forward pass on two samples: a backbone that cannot take the inputs says so in one line."""
+    try:
+        with torch.no_grad():
+            return net.eval()(x)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{what} cannot take dataset={dataset}'s inputs of shape {list(x.shape[1:])} "
+                          f"({first[:160]})") from None
+
+
+def _check_memory(workers: int, dataset: Any) -> None:
+    """Every worker process holds the whole dataset: refuse more than the machine's free memory holds."""
+    if workers <= 1:
+        return
+    held = sum(t.numel() * t.element_size() for t in (dataset.x_train, dataset.x_val, dataset.x_test))
+    available = available_memory()
+    if available is not None and workers * held > available:
+        raise ConfigError(f"hardware.workers={workers}: each worker holds the dataset ({held / 2**30:.1f} GiB), "
+                          f"{workers * held / 2**30:.1f} GiB in all, but {available / 2**30:.1f} GiB are free; "
+                          f"use fewer workers")
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

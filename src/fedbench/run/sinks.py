@@ -47,6 +47,12 @@ class WandbCallback(Callback):
                                  group=wb.group or run.sweep_group, tags=list(wb.tags) or default_tags,
                                  job_type=wb.job_type or str(cfg.method.name), run_id=state.wandb_id)
         state.wandb_id = self.wandb.run_id
+        if state.round > 0:  # resumed: the W&B run may miss rows a killed process never flushed
+            rows = MetricsFile(run.run_dir / "metrics.jsonl").read()
+            logged = self.wandb.backfill([r for r in rows if r.get("round", 0) <= state.round])
+            if logged:
+                log.info("W&B: re-logged %d round(s) from metrics.jsonl up to the checkpoint's round %d",
+                         logged, state.round)
 
     def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
         self.wandb.log(row, step=state.round)

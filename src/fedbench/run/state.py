@@ -21,7 +21,7 @@ from fedbench.tracking.files import write_json
 log = logging.getLogger("fedbench")
 
 # keys that do not change what a run computes (ignored when matching a checkpoint to a config)
-_NON_SEMANTIC = ("resume", "logger", "progress", "output_root", "checkpoint_every")
+_NON_SEMANTIC = ("resume", "logger", "progress", "output_root", "checkpoint_every", "hydra")
 
 
 @dataclass
@@ -68,11 +68,17 @@ class RunState:
         return state
 
 
-def fingerprint(cfg: DictConfig) -> str:
+def semantic_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain values without the keys that do not change what a run computes."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for k in _NON_SEMANTIC:
         data.pop(k, None)
     data.get("hardware", {}).pop("threads", None)
+    return data
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    data = semantic_config(cfg)
     return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -1,47 +1,79 @@
-"""Checks of run-level values before any work: each failure is one line naming the key and what is allowed."""
+"""Checks of every value before any work: each failure is one line naming the key and what is allowed.
+
+`validate(cfg)` builds the typed config of every group (fedbench.config / fedbench.settings and the
+classes registered with each dataset, partition and backbone), then checks what spans several groups.
+What needs the data (a partition that cannot be drawn, a backbone that cannot take the inputs, a method
+whose set-up refuses the model) is checked by `fedbench.run.build.dry_build`, also before any work.
+"""
 
 from __future__ import annotations
 
-import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedbench.config import MethodConfig, build_config
+from fedbench.config import GroupConfig, MethodConfig, build_config
 from fedbench.errors import ConfigError
-from fedbench.registry import lookup
-from fedbench.tracking.wandb_logger import MODES
+from fedbench.registry import config_class, lookup
+from fedbench.settings import (
+    FeaturesConfig,
+    HardwareConfig,
+    MetricsConfig,
+    RunSettings,
+    WandbConfig,
+    WarmStartConfig,
+)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-EXECUTORS = ("sequential", "batched", "auto")
+GROUPS_WITH_CHOICES = ("dataset", "partition", "backbone")
 
 
-def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
-    v = OmegaConf.select(cfg, key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-        raise ConfigError(f"{key}={v}: must be an integer >= {minimum}")
+def values_of(node: Any, key: str) -> dict[str, Any]:
+    """A group's composed values as plain Python; a mandatory value left unset (`???`) is one line."""
+    values = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    for k, v in values.items():
+        if v == "???":
+            raise ConfigError(f"{key}.{k}: required, it has no default; set it, e.g. {key}.{k}=VALUE")
+    return values
 
 
 def method_config(cfg: DictConfig) -> tuple[Any, MethodConfig]:
     """(method class, its typed config) from `cfg.method`; unknown keys and wrong types are one line."""
     method_cls = lookup("method", str(cfg.method.name))
-    values = OmegaConf.to_container(cfg.method, resolve=True)
-    return method_cls, build_config(method_cls.Config, values)
+    return method_cls, build_config(method_cls.Config, values_of(cfg.method, "method"))
 
 
-def _number(cfg: DictConfig, key: str, low: float, high: float, *, low_open: bool = False,
-            high_open: bool = False, optional: bool = False) -> None:
-    """`key` is a finite number in the interval (brackets per the flags), or null when optional."""
-    v = OmegaConf.select(cfg, key)
-    if v is None and optional:
-        return
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"{key}={v}: must be a number in {interval}{' or null' if optional else ''}")
+def typed_group(cfg: DictConfig, key: str, config_cls: type[GroupConfig]) -> Any:
+    node = OmegaConf.select(cfg, key)
+    if node is None or not OmegaConf.is_dict(node):
+        raise ConfigError(f"{key}: must be a group of keys ({', '.join(config_cls.__dataclass_fields__)})")
+    return build_config(config_cls, values_of(node, key), prefix=key, owner=key)
+
+
+def check_groups(cfg: DictConfig) -> MethodConfig:
+    """Every key of every group: known, of its type, in its range. Returns the method's typed config."""
+    top = {k: OmegaConf.select(cfg, k) for k in RunSettings.__dataclass_fields__ if k in cfg}
+    build_config(RunSettings, top, prefix="")
+    for kind in GROUPS_WITH_CHOICES:
+        name = str(cfg[kind].name)
+        lookup(kind, name)
+        config_cls = config_class(kind, name)
+        if config_cls is not None:  # a plugin without a typed config is not checked
+            build_config(config_cls, values_of(cfg[kind], kind), prefix=kind, owner=f"{kind}={name}")
+    _, method_cfg = method_config(cfg)
+    typed_group(cfg, "hardware", HardwareConfig)
+    extra = sorted(set(cfg.logger) - {"wandb"})
+    if extra:
+        raise ConfigError(f"logger.{extra[0]}: unknown key; allowed: wandb")
+    typed_group(cfg, "logger.wandb", WandbConfig)
+    for key, config_cls in (("warm_start", WarmStartConfig), ("features", FeaturesConfig),
+                            ("metrics", MetricsConfig)):
+        if key in cfg:
+            typed_group(cfg, key, config_cls)
+    return method_cfg
 
 
 def _check_inputs(cfg: DictConfig, uses_backbone: bool) -> None:
@@ -53,72 +85,50 @@ def _check_inputs(cfg: DictConfig, uses_backbone: bool) -> None:
         if str(cfg.dataset.get("input", "image")) != "image":
             raise ConfigError(f"features.extractor={features}: needs an image dataset; dataset={cfg.dataset.name} "
                               f"has {cfg.dataset.input} inputs (features.extractor=none)")
+        weights = OmegaConf.select(cfg, "features.weights")
+        if weights == "warm_start" and not OmegaConf.select(cfg, "warm_start.source"):
+            raise ConfigError("features.weights=warm_start: needs warm_start.source (the dataset to pretrain on)")
+        if weights not in (None, "warm_start") and not Path(str(weights)).is_file():
+            raise ConfigError(f"features.weights={weights}: no such file (a state dict of the extractor, "
+                              f"warm_start or null)")
     given = "vector" if features != "none" else str(cfg.dataset.get("input", "image"))
     if uses_backbone and given == "vector" and str(cfg.backbone.get("input", "any")) == "image":
         raise ConfigError(f"backbone={cfg.backbone.name} takes images but dataset={cfg.dataset.name} gives vector "
                           f"inputs{' (frozen features)' if features != 'none' else ''}; use backbone=logreg or "
                           f"backbone=mlp")
-    weights = cfg.backbone.get("weights")
-    if isinstance(weights, str) and ("/" in weights or weights.endswith((".pt", ".pth"))) \
-            and not Path(weights).exists():
-        raise ConfigError(f"backbone.weights={weights}: no such file (a state dict, imagenet or none)")
     source = OmegaConf.select(cfg, "warm_start.source")
     if source:
         lookup("dataset", str(source), key="warm_start.source")
+        source_cls = config_class("dataset", str(source))
+        kinds = {str(cfg.dataset.get("input", "image")),
+                 source_cls.__dataclass_fields__["input"].default if source_cls is not None else "image"}
+        if kinds != {"image"}:
+            raise ConfigError(f"warm_start.source={source}: a warm start needs image datasets on both sides "
+                              f"(dataset={cfg.dataset.name})")
 
 
-def _check_data(cfg: DictConfig) -> None:
-    _number(cfg, "dataset.val_fraction", 0.0, 1.0, high_open=True, optional=True)
-    _number(cfg, "dataset.test_fraction", 0.0, 1.0, high_open=True, optional=True)
-    fractions = sum(float(cfg.dataset.get(k) or 0.0) for k in ("val_fraction", "test_fraction"))
-    if fractions >= 1.0:
-        raise ConfigError(f"dataset.val_fraction + dataset.test_fraction = {fractions:g}: must leave training "
-                          f"data (< 1)")
-    if cfg.partition.name == "shards":
-        _positive_int(cfg, "partition.shards_per_client")
+def _check_workers(cfg: DictConfig, device: torch.device) -> None:
+    """hardware.workers processes on this machine: at most one per core on a CPU."""
+    workers = int(cfg.hardware.workers)
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and workers > cores:
+        raise ConfigError(f"hardware.workers={workers}: this machine has {cores} cores; use at most {cores} "
+                          f"(each worker process needs a core)")
 
 
 def validate(cfg: DictConfig, check_device: bool = True) -> None:
     """Check values before any work; each failure is one line naming the key and what is allowed.
     `check_device=False` leaves the device to the job (a SLURM sweep is launched from a login node
     that may have no GPU)."""
-    for kind in ("method", "backbone", "dataset", "partition"):
-        lookup(kind, str(cfg[kind].name))
-    method_cls, _ = method_config(cfg)
-    for key in ("rounds", "clients", "batch_size", "local_epochs", "eval_every", "checkpoint_every"):
-        _positive_int(cfg, key)
-    _positive_int(cfg, "seed", minimum=0)
-    if cfg.hardware.get("threads") is not None:
-        _positive_int(cfg, "hardware.threads")
-    if cfg.local_steps is not None:
-        _positive_int(cfg, "local_steps")
-    p = cfg.participation
-    if not isinstance(p, (int, float)) or not 0 < p <= 1:
-        raise ConfigError(f"participation={p}: must be a fraction in (0, 1]")
-    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < math.inf:
-        raise ConfigError(f"lr={cfg.lr}: must be a finite number > 0")
-    _number(cfg, "metrics.target", 0.0, 1.0, low_open=True, optional=True)
-    if cfg.partition.name == "dirichlet":
-        a = cfg.partition.alpha
-        if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
-            raise ConfigError(f"partition.alpha={a}: must be a float > 0 (small alpha = more label skew)")
-    if str(cfg.hardware.dtype) not in DTYPES:
-        raise ConfigError(f"hardware.dtype={cfg.hardware.dtype}: allowed: {', '.join(DTYPES)}")
-    if str(cfg.hardware.get("auto_policy", "heuristic")) not in ("heuristic", "timed"):
-        raise ConfigError(f"hardware.auto_policy={cfg.hardware.auto_policy}: allowed: heuristic, timed")
-    if str(cfg.hardware.get("memory_format", "auto")) not in ("auto", "channels_last", "contiguous"):
-        raise ConfigError(f"hardware.memory_format={cfg.hardware.memory_format}: "
-                          "allowed: auto, channels_last, contiguous")
-    if str(cfg.hardware.executor) not in EXECUTORS:
-        raise ConfigError(f"hardware.executor={cfg.hardware.executor}: allowed: {', '.join(EXECUTORS)}")
-    if str(cfg.logger.wandb.mode) not in MODES:
-        raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode}: allowed: {', '.join(MODES)}")
-    if cfg.resume not in (True, False, "auto"):
-        raise ConfigError(f"resume={cfg.resume}: allowed: auto, true, false")
-    _check_data(cfg)
+    from fedbench.methods.base import RunSpec
+
+    method_cfg = check_groups(cfg)
+    method_cls = lookup("method", str(cfg.method.name))
     _check_inputs(cfg, method_cls.uses_backbone)
+    method_cls(method_cfg).check_run(RunSpec(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs),
+                                             cfg.local_steps))
     if check_device:
-        resolve_device(str(cfg.hardware.device))
+        _check_workers(cfg, resolve_device(str(cfg.hardware.device)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +138,10 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"hardware.device={name}: CUDA is not available on this machine; "
                               f"use hardware=cpu or hardware=auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"hardware.device={name}: this machine has {torch.cuda.device_count()} GPU(s); "
+                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedbench.engine.distributed import SINGLE, World, free_port, join, leave, world_from_env
-from fedbench.errors import ConfigError
 from fedbench.run.validation import resolve_device
 
 log = logging.getLogger("fedbench")
@@ -32,16 +33,14 @@ def start_workers(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> tup
         rank, size, init = outside
         _threads(cfg, size)
         return join(rank, size, init, device), []
-    size = int(cfg.hardware.get("workers") or 1)
-    if size < 1:
-        raise ConfigError(f"hardware.workers={size}: must be an integer >= 1")
+    size = int(cfg.hardware.workers)
     if size == 1:
         return SINGLE, []
     port = free_port()
     ctx = torch.multiprocessing.get_context("spawn")
     container = OmegaConf.to_container(cfg, resolve=True)
-    children = [ctx.Process(target=worker_main, args=(container, str(run_dir), r, size, port, stop_after),
-                            daemon=True) for r in range(1, size)]
+    children = [ctx.Process(target=worker_main, args=(container, str(run_dir), r, size, port, stop_after,
+                                                      os.getpid()), daemon=True) for r in range(1, size)]
     for p in children:
         p.start()
     _threads(cfg, size)
@@ -58,11 +57,25 @@ def finish_workers(world: World, children: list[Any]) -> None:
             p.terminate()
 
 
-def worker_main(container: dict, run_dir: str, rank: int, size: int, port: int, stop_after: int | None) -> None:
+def exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """A spawned rank ends within a second of rank 0's death (killed, out of memory): it would otherwise
+    wait in a collective for torch.distributed's timeout (30 minutes) as an orphan."""
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fedbench-parent-watch", daemon=True).start()
+
+
+def worker_main(container: dict, run_dir: str, rank: int, size: int, port: int, stop_after: int | None,
+                parent: int | None = None) -> None:
     """Entry of a spawned rank: the same config, no Hydra, no logging of its own."""
     from fedbench.errors import Preempted
     from fedbench.experiment import follow
 
+    exit_with_parent(parent if parent is not None else os.getppid())
     cfg = OmegaConf.create(container)
     _threads(cfg, size)
     world = join(rank, size, f"tcp://127.0.0.1:{port}", resolve_device(str(cfg.hardware.device)))

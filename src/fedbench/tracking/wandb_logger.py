@@ -64,6 +64,36 @@ class WandbLogger:
             log.warning("W&B log failed (%s); continuing without W&B", e)
             self.run = None
 
+    def backfill(self, rows: list[dict[str, Any]]) -> int:
+        """After a resume: log the rows the W&B run does not hold yet, so its history has every round once.
+
+        A killed process (SIGKILL, a SLURM cancel) leaves the W&B run with only the rows flushed before the
+        kill, while metrics.jsonl has every finished round. Online, the server's run resumes at its own
+        `starting_step` and the rows from there on are logged. Offline, the resumed run gets a new
+        offline-run dir: every row is logged into it and the older dirs of the same run id (a prefix of
+        the same history) are removed, so one offline run dir holds the whole run (`wandb sync` it).
+        Returns how many rows were logged."""
+        if self.run is None:
+            return 0
+        first = int(self.run.starting_step or 0) if self.mode == "online" else 0
+        rows = [r for r in rows if int(r.get("round", 0)) >= max(first, 1)]
+        for row in rows:
+            self.log(row, step=int(row["round"]))
+        if self.mode == "offline":
+            self._drop_older_offline_dirs()
+        return len(rows)
+
+    def _drop_older_offline_dirs(self) -> None:
+        import shutil
+
+        try:
+            current = Path(self.run.settings.sync_dir).resolve()
+        except Exception:  # noqa: BLE001 - without its own dir nothing can be told apart: keep all
+            return
+        for old in current.parent.glob(f"offline-run-*-{self.run.id}"):
+            if old.resolve() != current:
+                shutil.rmtree(old, ignore_errors=True)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is None:
             return
