@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import logging
 import os
 import re
 from importlib import resources
@@ -177,13 +178,20 @@ def _sweep_values(override: Any) -> list[Any]:
 
 
 def tuning_jobs(overrides: list[str]) -> list[list[str]]:
-    """Jobs that cover a tuning sweeper's search space: the base job with every dimension at each of its
-    checked values in turn (Optuna samples inside these bounds)."""
+    """Jobs that cover a tuning sweeper's search space (its preset's `params` and the command line's sweep
+    overrides): the base job with every dimension at each of its checked values in turn (Optuna samples
+    inside these bounds)."""
+    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    dims = [(o.key_or_group, _sweep_values(o)) for o in parsed if o.is_sweep_override()]
+    space = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.get("params") or {}
+    given = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    preset = [o for o in parser.parse_overrides([f"{k}={v}" for k, v in space.items() if k not in given])
+              if o.is_sweep_override()]
+    dims = [(o.key_or_group, _sweep_values(o)) for o in [*preset, *parsed] if o.is_sweep_override()]
     first = [f"{key}={values[0]}" for key, values in dims]
     jobs = [fixed + first]
     for i, (key, values) in enumerate(dims):
@@ -228,6 +236,20 @@ def preflight(argv: list[str]) -> str | None:
     basic sweeper does it; a tuning sweep at the ends of its search space), so a bad key or value stops
     the command with one line and no job is launched. Returns the error line, or None. Options other
     than -m are left to Hydra (--cfg, --help, -cd ...)."""
+    PREFLIGHT_JOBS.clear()
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None
+    logger = logging.getLogger("fedbench")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # the dry build's INFO lines are the run's to say, once
+    try:
+        return _preflight(argv, multirun)
+    finally:
+        logger.setLevel(level)
+
+
+def _preflight(argv: list[str], multirun: bool) -> str | None:
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
@@ -236,10 +258,6 @@ def preflight(argv: list[str]) -> str | None:
     from fedbench.run.state import fingerprint
     from fedbench.run.validation import validate
 
-    PREFLIGHT_JOBS.clear()
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return None
     overrides = [a for a in argv if not a.startswith("-")]
     sweeper = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/sweeper=")), None)
     msg = _sweeper_params(overrides)

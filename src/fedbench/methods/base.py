@@ -37,7 +37,8 @@ Optional, with the defaults below (override what the method needs; nothing is pr
 Declared flags: batchable, prefers_sequential, uses_backbone, has_global_model, reports_train_loss,
 aggregates_by_shares (True only where `aggregate` is exactly `aggregate_shares` of the whole cohort's share),
 noise_dim (> 0: batch["noise"] holds uniform numbers of that size per step from the client's seeded
-generator, so executors agree and a resumed run redraws them).
+generator, so executors agree and a resumed run redraws them), step_size_keys (the config keys that are
+step sizes besides the run's lr: a diverged run names them).
 
 Anything a method carries across rounds lives in the global or client state (checkpointed), never on
 the method object: resume is exact.
@@ -78,6 +79,7 @@ class Method:
     reports_train_loss = True
     noise_dim = 0              # > 0: uniform noise of this size per local step in batch["noise"]
     aggregates_by_shares = False  # aggregate == aggregate_shares(uplink_share(whole cohort)); set per class
+    step_size_keys: tuple[str, ...] = ()  # config keys that are step sizes (named when a run diverges)
 
     def __init__(self, config: MethodConfig | None = None):
         self.cfg = config if config is not None else self.Config(name=self.name)
@@ -193,6 +195,7 @@ class LocalSGDMethod(Method):
     """
 
     Config = LocalSGDConfig
+    step_size_keys = ("server_lr",)
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)

@@ -26,6 +26,7 @@ class FedBABUConfig(LocalSGDConfig):
 class FedBABU(PersonalizedMethod):
     name = "fedbabu"
     Config = FedBABUConfig
+    step_size_keys = ("server_lr", "finetune_lr")
     shared = "body"
 
     def grad_mask(self, local: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:

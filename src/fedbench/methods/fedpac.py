@@ -101,6 +101,7 @@ class FedPACConfig(LocalSGDConfig):
 class FedPAC(PersonalizedMethod):
     name = "fedpac"
     Config = FedPACConfig
+    step_size_keys = ("server_lr", "head_lr")
     shared = "body"
     needs_progress = True
 

@@ -198,6 +198,7 @@ class GatedMethod(Method):
 class FLoPS(GatedMethod):
     name = "flops"
     Config = FLoPSConfig
+    step_size_keys = ("eta_theta", "eta_phi", "eta_lambda")
 
     def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         return Payload({"params": gstate["params"], "buffers": gstate["buffers"], "la": gstate["la"]})
@@ -241,6 +242,7 @@ class FLoPS(GatedMethod):
 class FLoPSPA(GatedMethod):
     name = "flops_pa"
     Config = FLoPSPAConfig
+    step_size_keys = ("eta_phi", "eta_phi_local", "eta_lambda")
 
     def active(self, la: torch.Tensor) -> torch.Tensor:
         return deterministic_gate(la) > 0

@@ -79,9 +79,13 @@ def pretrain(backbone_cfg: Any, ws: Any, input_shape: tuple[int, ...]) -> tuple[
     provenance = {**{f"warm_start.{k}": v for k, v in spec.items() if k != "backbone"},
                   "warm_start.checkpoint": str(path)}
     if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        provenance["warm_start.source_val_acc"] = float(blob["source_val_acc"])
-        return blob["state_dict"], provenance
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            provenance["warm_start.source_val_acc"] = float(blob["source_val_acc"])
+            return blob["state_dict"], provenance
+        except Exception as e:  # noqa: BLE001 - a torn or foreign cache file: pretrain again
+            log.warning("warm start cache %s is unreadable (%s); pretraining again", path,
+                        str(e).splitlines()[0][:80] if str(e) else type(e).__name__)
     src_cfg = OmegaConf.create({"name": spec["source"], "val_fraction": 0.1, "test_fraction": 0.0, "split_seed": 0})
     src = lookup("dataset", spec["source"])(src_cfg)
     x, y = _fit_shape(src.x_train.float(), input_shape), src.y_train

@@ -45,9 +45,22 @@ class DivergenceCallback(Callback):
     def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
         loss = row.get("train/loss", 0.0)
         if not math.isfinite(loss):
-            raise DivergedError(f"round {state.round}: training loss is {loss}; lower lr (now {run.cfg.lr}). "
+            raise DivergedError(f"round {state.round}: training loss is {loss}; {divergence_hint(run)}. "
                                 f"Metrics up to round {state.round} are in {run.run_dir / 'metrics.jsonl'}")
         return False
+
+
+def divergence_hint(run: Run) -> str:
+    """The likely cause of a non-finite loss: the step sizes in play (lowest-hanging first), the dtype."""
+    method_cfg = run.method.cfg
+    steps = [f"lr={run.cfg.lr:g}"] + [f"method.{k}={getattr(method_cfg, k):g}" for k in run.method.step_size_keys
+                                      if isinstance(getattr(method_cfg, k, None), (int, float))]
+    hint = f"the steps are too large for this model and data: lower lr first (step sizes: {', '.join(steps)})"
+    if str(run.cfg.hardware.dtype) == "bfloat16":
+        hint += "; or use hardware.dtype=float32 (bfloat16 has 8 bits of mantissa)"
+    if float(run.cfg.lr) < 1e-3:
+        hint += "; with so small a lr, also check the inputs for non-finite values"
+    return hint
 
 
 class CheckpointCallback(Callback):

@@ -4,6 +4,7 @@ log line per round otherwise (SLURM logs, nohup, pipes)."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +83,8 @@ class ProgressCallback(Callback):
     def on_start(self, run: Run, state: RunState) -> None:
         from tqdm import tqdm
 
-        self.tty = sys.stderr.isatty()
+        # a terminal that reports no size (some containers, `ssh host cmd`) would draw an empty bar
+        self.tty = sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns > 0
         self.bar = tqdm(total=run.rounds, initial=state.round, desc="rounds", file=sys.stderr, dynamic_ncols=True,
                         disable=not (self.enabled and self.tty))
         if state.round > 0:

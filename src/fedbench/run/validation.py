@@ -107,6 +107,18 @@ def _check_inputs(cfg: DictConfig, uses_backbone: bool) -> None:
                               f"(dataset={cfg.dataset.name})")
 
 
+def _check_scored(cfg: DictConfig, method_cls: Any) -> None:
+    """A method without a global model is scored on the clients' own local splits: a partition without
+    them would leave the run with no accuracy at all."""
+    local = float(cfg.partition.get("client_test_fraction") or 0) + float(cfg.partition.get("client_val_fraction")
+                                                                         or 0)
+    if not method_cls.has_global_model and local == 0:
+        raise ConfigError(f"method={cfg.method.name} has no global model, so it is scored on each client's own "
+                          f"test split, and partition={cfg.partition.name} gives clients none: nothing would be "
+                          f"measured; use partition=noniid_s or set partition.client_test_fraction=0.2 "
+                          f"(and partition.client_val_fraction=0.1 for model selection)")
+
+
 def _check_workers(cfg: DictConfig, device: torch.device) -> None:
     """hardware.workers processes on this machine: at most one per core on a CPU."""
     workers = int(cfg.hardware.workers)
@@ -125,6 +137,7 @@ def validate(cfg: DictConfig, check_device: bool = True) -> None:
     method_cfg = check_groups(cfg)
     method_cls = lookup("method", str(cfg.method.name))
     _check_inputs(cfg, method_cls.uses_backbone)
+    _check_scored(cfg, method_cls)
     method_cls(method_cfg).check_run(RunSpec(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs),
                                              cfg.local_steps))
     if check_device:
