@@ -5,6 +5,7 @@ import pytest
 from conftest import compose_cfg
 from fedbench.cli import GROUPS, available, check_group_overrides
 from fedbench.experiment import validate
+from fedbench.registry import lookup
 
 
 def test_default_composition_has_the_documented_keys():
@@ -25,6 +26,9 @@ def test_default_composition_has_the_documented_keys():
 def test_every_choice_composes_and_validates(group):
     for choice in available(group):
         required = ["dataset.path=uoft-cs/cifar10"] if (group, choice) == ("dataset", "hf") else []
+        if group == "method" and not lookup("method", str(compose_cfg([f"method={choice}"]).method.name)) \
+                .has_global_model:
+            required = ["partition=noniid_s"]  # scored on the clients' own test splits
         cfg = compose_cfg([f"{group}={choice}", *required])
         assert cfg[group] is not None
         if group == "hardware" and choice == "cuda":

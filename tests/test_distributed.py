@@ -78,3 +78,42 @@ def test_torchrun_starts_the_same_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("fedbench summary") == 1  # rank 0 alone reports
     assert_same(tmp_path / "one", tmp_path / "tr")
+
+
+def test_spawned_ranks_exit_within_seconds_when_rank_0_dies(tmp_path):
+    """SIGKILL of rank 0 (out of memory, a cancelled job): the rank it started ends within seconds instead
+    of waiting torch.distributed's 30-minute timeout as an orphan."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from conftest import TINY, read_jsonl
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "backbone=mlp", "rounds=2000", "hardware.workers=2", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "fedbench", *args], cwd=tmp_path,
+                            env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run_dir / "metrics.jsonl").exists()
+                                      or len(read_jsonl(run_dir / "metrics.jsonl")) < 3):
+        time.sleep(0.2)
+
+    def children(pid: int) -> list[int]:
+        return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+                and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid]
+
+    ranks = [c for c in children(proc.pid) if "spawn" in (Path("/proc") / str(c) / "cmdline").read_text()]
+    assert ranks, "rank 1 was not found"
+    def alive(pid: int) -> bool:  # a zombie (ended, not yet reaped by init) counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(r) for r in ranks):
+        time.sleep(0.2)
+    assert not any(alive(r) for r in ranks), "rank 1 outlived rank 0 by 10 s"

@@ -88,3 +88,83 @@ def test_divergence_exits_3_and_keeps_the_rows_but_a_sweep_goes_on(tmp_path):
     assert proc.returncode == 1 and "1 completed, 1 diverged" in proc.stderr, proc.stderr[-2000:]
     status = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())["status"] for i in (0, 1)]
     assert status == ["diverged", "completed"]
+
+
+def _cli_in_process(args, tmp_path, monkeypatch, capsys):
+    from fedbench import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fedbench", *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_truncated_dataset_files_are_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """Real on-disk formats, cut short: the message names the files, not 'no files there'."""
+    import pickle
+
+    import numpy as np
+
+    from test_datasets import write_idx
+
+    base = [a for a in TINY if not a.startswith("dataset=")]
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, shape in (("train-images-idx3-ubyte", (60, 28, 28)), ("train-labels-idx1-ubyte", (60,)),
+                        ("t10k-images-idx3-ubyte", (20, 28, 28)), ("t10k-labels-idx1-ubyte", (20,))):
+        write_idx(raw / name, rng.integers(0, 10, shape))
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])  # a copy cut short
+    code, err = _cli_in_process(base + ["dataset=mnist", f"dataset.root={tmp_path / 'data'}"], tmp_path / "data",
+                                monkeypatch, capsys)
+    assert code == 2
+    assert_one_line_error(subprocess.CompletedProcess([], 2, "", err), "dataset=mnist", "cannot be read",
+                          "truncated or corrupt")
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": rng.integers(0, 256, (10, 3072)).astype(np.uint8), "labels": list(np.arange(10) % 10)}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    (folder / "data_batch_3").write_bytes((folder / "data_batch_3").read_bytes()[:700])
+    code, err = _cli_in_process(base + ["dataset=cifar10", f"dataset.root={tmp_path / 'cifar'}", "clients=4"],
+                                tmp_path / "cifar", monkeypatch, capsys)
+    assert code == 2
+    assert_one_line_error(subprocess.CompletedProcess([], 2, "", err), "data_batch_3", "truncated or corrupt")
+
+
+def test_a_corrupt_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
+    """A torn or foreign mnist5k cache never breaks every later run: it is parsed again."""
+    from omegaconf import OmegaConf
+
+    from fedbench.data.datasets import load_mnist5k
+
+    monkeypatch.setenv("FEDBENCH_CACHE", str(tmp_path))
+    split = OmegaConf.create({"val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0})
+    good = load_mnist5k(split)
+    cache = tmp_path / "mnist5k.npz"
+    for damage in (cache.read_bytes()[:1000], b"not a zip file", b""):
+        cache.write_bytes(damage)
+        again = load_mnist5k(split)
+        assert torch.equal(again.x_train, good.x_train) and torch.equal(again.y_test, good.y_test)
+        assert cache.stat().st_size > 100_000  # rebuilt
+
+
+def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, tiny):
+    """A process killed while writing metrics.jsonl leaves half a line: resume drops it and goes on."""
+    import json
+
+    from conftest import compose_cfg, read_jsonl
+    from fedbench.errors import Preempted
+    from fedbench.experiment import run_experiment
+
+    cfg = compose_cfg(tiny + ["rounds=4", "checkpoint_every=1"])
+    with pytest.raises(Preempted):
+        run_experiment(cfg, tmp_path, stop_after=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "global/val_acc": 0.5')  # torn mid-row
+    summary = run_experiment(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    assert [r["round"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"

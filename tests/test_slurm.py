@@ -119,3 +119,61 @@ def test_a_failing_job_does_not_hang_the_sweep(tmp_path):
     last_job_end = max(p.stat().st_mtime for p in sweep.glob("*/summary.json"))
     assert returned - last_job_end < 60, returned - last_job_end  # no waiting on accounting that is not there
     assert "3 completed, 1 failed" in proc.stderr
+
+
+def test_an_unschedulable_request_is_refused_before_submitting(tmp_path):
+    """2 tasks x 2 CPUs on a partition of 2-CPU nodes would stay PENDING forever: one line naming the keys,
+    exit 2, nothing submitted."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["--multirun", *TINY, "seed=0,1", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
+                    f"hydra.launcher.cpus_per_task={os.cpu_count()}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fedbench: error:")]
+    assert len(errors) == 1 and "hydra.launcher.cpus_per_task" in errors[0] and "CPUs per node" in errors[0]
+    assert not sweep.exists()
+
+
+def _queue() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i %T %r"], capture_output=True, text=True).stdout.split("\n")
+
+
+def test_a_job_that_can_never_be_scheduled_ends_the_sweep_with_the_reason(tmp_path):
+    """Past the pre-check (FEDBENCH_SLURM_PRECHECK=0, as on a cluster whose sinfo misleads), SLURM keeps the
+    job PENDING (PartitionConfig): the launching command cancels it and ends with the account naming the
+    reason, within a minute, exit != 0."""
+    sweep = tmp_path / "sweep"
+    started = time.time()
+    proc = run_cli(["--multirun", *TINY, "seed=0", *SLURM, "hydra.launcher.tasks_per_node=2",
+                    f"hydra.launcher.cpus_per_task={os.cpu_count()}", f"hydra.sweep.dir={sweep}"], tmp_path,
+                   {"FEDBENCH_SLURM_PRECHECK": "0"}, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert time.time() - started < 60
+    assert "1 failed" in proc.stderr and "never scheduled" in proc.stderr and "PartitionConfig" in proc.stderr
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "PartitionConfig" in summary["reason"]
+    assert not [line for line in _queue() if line.strip()]  # the job was cancelled, not left pending
+
+
+def test_a_cancelled_task_ends_the_sweep_with_the_account(tmp_path):
+    """scancel of one task (no accounting to learn it from): the launching command ends within 60 s of the
+    last job's end, with the account (the cancelled job is preempted: its checkpoint resumes it), exit 1."""
+    sweep = tmp_path / "sweep"
+    job = [*TINY, "backbone=mlp", "rounds=100", "checkpoint_every=10", "seed=0,1"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "fedbench", "--multirun", *job, *SLURM, f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    metrics = sweep / "0" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(read_jsonl(metrics)) < 15):
+        time.sleep(0.5)
+    task = next(line.split()[0] for line in _queue() if line.strip().endswith(("RUNNING None", "RUNNING")) and
+                line.split()[0].endswith("_0"))
+    subprocess.run(["scancel", task], check=True)
+    out, _ = launcher.communicate(timeout=600)
+    returned = time.time()
+    assert launcher.returncode == 1, out[-3000:]
+    last_job_end = max(p.stat().st_mtime for p in sweep.glob("*/summary.json"))
+    assert returned - last_job_end < 60, returned - last_job_end
+    assert "1 completed, 1 preempted" in out and "rerun the same command to resume it" in out, out[-2000:]
+    assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "preempted"
+    assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"

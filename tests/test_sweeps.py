@@ -98,21 +98,23 @@ def test_no_checkpoint_is_loaded_with_weights_only_false():
 
 
 def test_a_second_run_into_a_busy_run_dir_stops_with_one_line(tmp_path, tiny):
-    run_dir = tmp_path / "run"
-    args = tiny + ["backbone=mlp", "rounds=200", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    """The first run is held still in round 2 (a test method waits for a file) while the second starts."""
+    run_dir, gate = tmp_path / "run", tmp_path / "gate"
+    args = tiny + ["rounds=4", "method=waiting", f"method.gate={gate}", PLUGIN_CONF, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", **PLUGIN_ENV}
     first = subprocess.Popen([sys.executable, "-m", "fedbench", *args], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.2)
-    second = run_cli(args, tmp_path)
+    second = run_cli(args, tmp_path, PLUGIN_ENV)
+    gate.write_text("go")
     assert second.returncode == 2, second.stderr[-2000:]
     errors = [line for line in second.stderr.splitlines() if line.startswith("fedbench: error:")]
     assert len(errors) == 1 and "is in use by another fedbench run" in errors[0] and "Traceback" not in second.stderr
     first.communicate(timeout=600)
     assert first.returncode == 0
-    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 201))  # each round once
+    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 5))  # each round once
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 

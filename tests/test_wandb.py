@@ -48,3 +48,61 @@ def test_online_without_network_or_key_falls_back_to_offline(tmp_path, tiny):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
     assert (proc.stdout + proc.stderr).count("logging offline instead") == 1  # said once
     assert list((tmp_path / "r").glob("wandb/offline-run-*/run-*.wandb"))  # and logged locally
+
+
+def test_a_killed_offline_run_resumed_has_every_round_once(tmp_path, tiny):
+    """SIGKILL after 10 rounds (the W&B file keeps only what was flushed), then the same command: the one
+    offline run dir read back has every round exactly once, with the values of metrics.jsonl. The run is
+    held still in round 11 (a test method waits for a file) so that the kill lands mid-way."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import PLUGIN_CONF, PLUGIN_ENV
+
+    run_dir, gate = tmp_path / "run", tmp_path / "gate"
+    args = [a for a in tiny if not a.startswith("logger=")] + [
+        "logger=wandb", "logger.wandb.mode=offline", "rounds=20", "method=waiting", "method.wait_round=11",
+        f"method.gate={gate}", PLUGIN_CONF, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "offline", **PLUGIN_ENV}
+    proc = subprocess.Popen([sys.executable, "-m", "fedbench", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run_dir / "run_state.json").exists()
+                                      or json.loads((run_dir / "run_state.json").read_text())["round"] < 10):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run_dir / "run_state.json").read_text())["round"] == 10
+    gate.write_text("go")
+    resumed = subprocess.run([sys.executable, "-m", "fedbench", *args], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files  # one offline run dir per run id
+    history = [h for h in read_run(files[0])["history"] if "round" in h]
+    assert [h["_step"] for h in history] == list(range(1, 21)), resumed.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [h["global/val_acc"] for h in history] == [r["global/val_acc"] for r in rows]
+
+
+def test_the_wandb_service_runs_outside_the_jobs_session(tmp_path):
+    """A signal to the job's process group (Ctrl-C, `kill -TERM -PGID`) never reaches W&B's service, which
+    can then flush what the run logged."""
+    import os
+    from pathlib import Path
+
+    from fedbench.tracking.wandb_logger import WandbLogger
+
+    logger = WandbLogger("offline", tmp_path, "fedbench", {"a": 1})
+    try:
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                    and (p / "stat").exists() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    == os.getpid()]
+        service = [c for c in children if "wandb" in (Path("/proc") / str(c) / "cmdline").read_text()]
+        assert service, "no W&B service process found"
+        assert all(os.getsid(c) != os.getsid(0) for c in service)
+    finally:
+        logger.finish()

@@ -274,11 +274,14 @@ def _preflight(argv: list[str], multirun: bool) -> str | None:
         for index, job in enumerate(jobs):
             where = f" (in the job {' '.join(job)})" if multirun else ""
             try:
-                cfg = compose("config", overrides=job)
-                if index == 0:
-                    hc = compose("config", overrides=job, return_hydra_config=True).hydra
+                if index == 0:  # one composition gives the launcher's and sweeper's keys and the job's
+                    full = compose("config", overrides=job, return_hydra_config=True)
+                    hc = full.hydra
                     on_slurm = "slurm" in str(hc.launcher.get("_target_", "")).lower()
                     check_hydra_config(hc, len(jobs))
+                    cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+                else:
+                    cfg = compose("config", overrides=job)
                 validate(cfg, check_device=not on_slurm)  # the login node may have no GPU
                 unknown = unknown_added_key(job, cfg)
                 if unknown:

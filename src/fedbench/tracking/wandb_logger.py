@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,16 @@ from fedbench.tracking.wandb_file import wait_complete
 log = logging.getLogger("fedbench")
 
 MODES = ("offline", "online", "disabled")
+
+
+def drop_inherited_service() -> None:
+    """Use this process's own W&B service. wandb exports its service's address (WANDB_SERVICE, whose second
+    field is the pid that started it) to the environment, so child processes (a sweep's jobs, a run
+    resumed by a process that used W&B before) would attach to their parent's service: one that may still
+    hold a killed run with the same id open, or, under SLURM, one on another machine."""
+    parts = os.environ.get("WANDB_SERVICE", "").split("-")
+    if len(parts) > 2 and parts[1].isdigit() and int(parts[1]) != os.getpid():
+        os.environ.pop("WANDB_SERVICE", None)
 
 
 class WandbLogger:
@@ -29,6 +40,15 @@ class WandbLogger:
         try:
             self.run = self._init(mode, kwargs)
         except Exception as e:  # noqa: BLE001 - any W&B failure must not kill the run
+            if mode == "offline":  # e.g. the service of a killed run with this id still closing: once more
+                log.warning("W&B offline start failed (%s); trying once more in 5 s",
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                time.sleep(5)
+                try:
+                    self.run = self._init(mode, kwargs)
+                    return
+                except Exception as e2:  # noqa: BLE001
+                    e = e2
             if mode == "online":
                 log.warning("W&B online failed (%s); logging offline instead (sync later with `wandb sync`)",
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -47,6 +67,7 @@ class WandbLogger:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        drop_inherited_service()
         # online without a network: give up after 10 s and fall back to offline (said once)
         settings = wandb.Settings(init_timeout=10 if mode == "online" else 60, console="off", x_disable_stats=True)
         return wandb.init(mode=mode, settings=settings, **kwargs)
