@@ -168,3 +168,22 @@ def test_a_torn_last_metrics_line_does_not_block_resume(tmp_path, tiny):
     assert summary["status"] == "completed"
     assert [r["round"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_write_the_disk_refuses_mid_run_is_one_line(tmp_path):
+    """A file-size limit stands in for a full disk: the run stops with one line naming the file, no
+    traceback, exit 1."""
+    import os
+    import resource
+    import signal
+    import sys
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4500, 4500))  # hydra.yaml fits, a checkpoint not
+
+    proc = subprocess.run([sys.executable, "-m", "fedbench", *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=limit_files,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert_one_line_error(proc, "cannot write", "File too large", "rerun the same command")

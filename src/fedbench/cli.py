@@ -71,6 +71,19 @@ def register_plugins() -> None:
     Plugins.instance().register(FedbenchSlurmLauncher)
 
 
+def disk_error(e: BaseException) -> str | None:
+    """A write the machine refused mid-run (disk full, quota, read-only, file too large) as one line, or
+    None for any other error. The checkpoint is written atomically, so the last one is intact."""
+    import errno
+
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG,
+                                                     errno.EACCES, errno.EIO):
+        return None
+    where = f" {e.filename}" if e.filename else ""
+    return (f"cannot write{where}: {e.strerror}; nothing already written was lost (the last checkpoint is "
+            f"intact): free space and rerun the same command to resume")
+
+
 def _fail(msg: str, code: int) -> None:
     print(f"fedbench: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -103,11 +116,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return None
     except Exception as e:
         status = "diverged" if isinstance(e, DivergedError) else "failed"
-        if sweep_group is None and not isinstance(e, (ConfigError, DivergedError)):
+        disk = disk_error(e)
+        if sweep_group is None and not isinstance(e, (ConfigError, DivergedError)) and disk is None:
             raise  # a bug in a single run: the traceback helps
-        record_failure(run_dir, status, str(e) if isinstance(e, (ConfigError, DivergedError)) else one_line(e))
+        reason = disk or (str(e) if isinstance(e, (ConfigError, DivergedError)) else one_line(e))
+        try:
+            record_failure(run_dir, status, reason)
+        except OSError:  # the disk that failed may be the run dir's: the line below still says why
+            pass
         if sweep_group is None:
-            _fail(str(e), EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED)
+            _fail(reason, EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED if status == "diverged"
+                  else EXIT_SWEEP_FAILED)
         print(f"fedbench: job {hc.job.num} {status}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
         return float("nan")  # a tuning sweeper (Optuna) records the trial as failed
