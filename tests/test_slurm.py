@@ -156,15 +156,18 @@ def test_a_job_that_can_never_be_scheduled_ends_the_sweep_with_the_reason(tmp_pa
 
 def test_a_cancelled_task_ends_the_sweep_with_the_account(tmp_path):
     """scancel of one task (no accounting to learn it from): the launching command ends within 60 s of the
-    last job's end, with the account (the cancelled job is preempted: its checkpoint resumes it), exit 1."""
+    last job's end, with the account (the cancelled job is preempted: its checkpoint resumes it), exit 1.
+    Job 0 is held still in round 3 (a test method waits for a file that never comes); job 1 runs through."""
     sweep = tmp_path / "sweep"
-    job = [*TINY, "backbone=mlp", "rounds=100", "checkpoint_every=10", "seed=0,1"]
+    job = [*TINY, "rounds=4", "method=waiting", "method.wait_round=3",
+           f"method.gate={tmp_path / 'never'},''", PLUGIN_CONF]
     launcher = subprocess.Popen(
         [sys.executable, "-m", "fedbench", "--multirun", *job, *SLURM, f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", "FEDBENCH_SLURM_GRACE_S": "3", **PLUGIN_ENV})
     metrics = sweep / "0" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(read_jsonl(metrics)) < 15):
+    while time.time() < deadline and (not metrics.exists() or len(read_jsonl(metrics)) < 2):
         time.sleep(0.5)
     task = next(line.split()[0] for line in _queue() if line.strip().endswith(("RUNNING None", "RUNNING")) and
                 line.split()[0].endswith("_0"))

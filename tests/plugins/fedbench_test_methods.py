@@ -43,6 +43,9 @@ class Waiting(LocalSGDMethod):
         import time
         from pathlib import Path
 
-        while ctx.round == self.cfg.wait_round and self.cfg.gate and not Path(self.cfg.gate).exists():
+        from fedbench.run.callbacks import StopFlag
+
+        while ctx.round == self.cfg.wait_round and self.cfg.gate and not Path(self.cfg.gate).exists() \
+                and not StopFlag.requested:  # SIGTERM (scancel, preemption) ends the wait at once
             time.sleep(0.1)
         return super().aggregate(gstate, up, ctx)

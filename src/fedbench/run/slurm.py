@@ -44,7 +44,8 @@ NEVER_SCHEDULED = {
 KEYS_TO_CHANGE = ("hydra.launcher.cpus_per_task, tasks_per_node, mem_gb, gpus_per_node, nodes, timeout_min or "
                   "partition")
 POLL_S = float(os.environ.get("FEDBENCH_SLURM_POLL_S", "2"))
-GONE_GRACE_S = 15.0  # a job out of the queue gets this long for its result file to appear (shared file systems)
+# a job out of the queue gets this long for its result file to appear (shared file systems lag)
+GONE_GRACE_S = float(os.environ.get("FEDBENCH_SLURM_GRACE_S", "15"))
 
 
 def queue_states(array_ids: set[str]) -> dict[str, tuple[str, str]] | None:
