@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fedbench.config import typed_choice
 from fedbench.data.datasets import (
     load_cifar10,
     load_digits,
@@ -33,7 +34,7 @@ def test_mnist_idx_files(tmp_path):
     write_idx(raw / "train-labels-idx1-ubyte", ytr)
     write_idx(raw / "t10k-images-idx3-ubyte", xte)
     write_idx(raw / "t10k-labels-idx1-ubyte", yte)
-    ds = load_mnist(OmegaConf.create({"root": str(tmp_path), "download": False, "val_fraction": 0.1}))
+    ds = load_mnist(typed_choice("dataset", {"name": "mnist", "root": str(tmp_path), "val_fraction": 0.1}))
     assert ds.x_train.shape[1:] == (1, 28, 28) and len(ds.y_train) + len(ds.y_val) == 60
     assert len(ds.y_val) == 10  # 10% of each class held out
     assert torch.equal(torch.sort(ds.y_test).values, torch.sort(torch.as_tensor(yte)).values)
@@ -50,23 +51,24 @@ def test_cifar10_pickle_batches(tmp_path):
         entry = {"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), "labels": list(np.arange(n) % 10)}
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
-    ds = load_cifar10(OmegaConf.create({"root": str(tmp_path), "download": False, "val_fraction": 0.2}))
+    ds = load_cifar10(typed_choice("dataset", {"name": "cifar10", "root": str(tmp_path), "val_fraction": 0.2}))
     assert ds.x_train.shape[1:] == (3, 32, 32)
     assert len(ds.y_train) == 40 and len(ds.y_val) == 10 and len(ds.y_test) == 10 and ds.num_classes == 10
 
 
 def test_embedded_datasets():
     split = {"val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0}
-    m = load_mnist5k(OmegaConf.create(split))
+    m = load_mnist5k(typed_choice("dataset", {"name": "mnist5k", **split}))
     assert len(m.y_train) + len(m.y_val) + len(m.y_test) == 5000
     assert torch.bincount(m.y_test).tolist() == [100] * 10  # stratified: exactly 500 per class in mnist5k
-    d = load_digits(OmegaConf.create(split))
+    d = load_digits(typed_choice("dataset", {"name": "digits", **split}))
     assert len(d.y_train) + len(d.y_val) + len(d.y_test) == 1797 and d.input_shape == (1, 8, 8)
 
 
 def test_synthetic_logistic_support_and_labels():
-    cfg = OmegaConf.create({"d": 200, "n": 4000, "true_density": 0.05, "corr": 0.2, "coef": "normal",
-                            "generator_seed": 1, "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0})
+    cfg = typed_choice("dataset", {"name": "synthetic_logistic", "d": 200, "n": 4000, "true_density": 0.05,
+                                   "corr": 0.2, "coef": "normal", "generator_seed": 1, "val_fraction": 0.1,
+                                   "test_fraction": 0.2, "split_seed": 0})
     ds = load_synthetic_logistic(cfg)
     assert len(ds.true_support) == 10
     theta = ds.info["theta_true"]
@@ -86,7 +88,8 @@ def test_backbones_build_and_split(name):
     for shape in [(1, 28, 28), (1, 8, 8), (3, 32, 32)]:
         if name == "resnet18" and shape != (3, 32, 32):
             continue
-        m = build_model(OmegaConf.create({"name": name, "norm": "group", "groups": 2}), shape, 10)
+        norm = {"norm": "group", "groups": 2} if name == "resnet18" else {}
+        m = build_model(OmegaConf.create({"name": name, **norm}), shape, 10)
         x = torch.zeros(2, *shape)
         assert m(x).shape == (2, 10)
         assert torch.equal(m.head(m.body(x)), m(x))

@@ -45,7 +45,7 @@ def assert_same(a_dir, b_dir):
 
 
 @pytest.mark.parametrize("method,executor", [("fedavg", "batched"), ("scaffold", "sequential"),
-                                             ("fedrep", "batched")])
+                                             ("fedrep", "batched"), ("fediterht", "batched")])
 def test_two_workers_equal_one_process(tmp_path, method, executor):
     cfg = BASE + [f"method={method}", f"hardware.executor={executor}"]
     if method == "fedrep":

@@ -24,7 +24,8 @@ SMALL = ["dataset=digits", "clients=6", "rounds=2", "participation=0.5", "batch_
 def test_equal_copies_equal_plain_forward_exactly(name):
     torch.manual_seed(0)
     shape = (3, 32, 32) if name == "resnet18" else (1, 28, 28)
-    model = build_model(OmegaConf.create({"name": name, "norm": "group", "groups": 2}), shape, 10).double().eval()
+    norm = {"norm": "group", "groups": 2} if name == "resnet18" else {}
+    model = build_model(OmegaConf.create({"name": name, **norm}), shape, 10).double().eval()
     x = torch.randn(4, *shape, dtype=torch.float64)
     plain = model(x)
     gates = install_gates(model)

@@ -15,8 +15,10 @@ def labels_like_mnist5k(n_per_class=500, classes=10):
 
 
 def cfg(**kw):
-    base = {"name": "dirichlet", "alpha": 0.5, "min_samples": 2, "max_retries": 100, "balance": False,
-            "client_val_fraction": 0.0, "client_test_fraction": 0.0}
+    """A partition group's keys (the Dirichlet ones only for dirichlet: other choices refuse them)."""
+    base = {"name": "dirichlet", "min_samples": 2, "client_val_fraction": 0.0, "client_test_fraction": 0.0}
+    if kw.get("name", "dirichlet") == "dirichlet":
+        base.update(alpha=0.5, max_retries=100, balance=False)
     base.update(kw)
     return OmegaConf.create(base)
 

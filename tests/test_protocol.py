@@ -27,7 +27,7 @@ FEDNOVA = textwrap.dedent('''
     import dataclasses
 
     from fedbench.engine.functional import weighted_mean
-    from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod
+    from fedbench.methods.local_sgd import LocalSGDConfig, LocalSGDMethod
     from fedbench.registry import register
 
 
@@ -173,5 +173,19 @@ def test_an_unknown_method_key_on_the_command_line_is_one_line(tmp_path):
     proc = run_cli(["dataset=digits", "backbone=logreg", "method=fedprox", "method.muu=1"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fedbench: error:")]
-    assert errors == ["fedbench: error: method.muu: unknown key; allowed: bn, momentum, mu, name, server_lr, "
-                      "server_momentum, weight_decay"], proc.stderr
+    assert errors == ["fedbench: error: method.muu: unknown key; allowed: bn, momentum, mu, name, server_beta1, "
+                      "server_beta2, server_eps, server_lr, server_momentum, server_opt, weight_decay"], proc.stderr
+
+
+def test_the_fedavg_family_always_aggregates_by_shares():
+    """A FedAvg-family method changes the result after the mean in `post_aggregate`, never by replacing
+    `aggregate`, so a sharded round all-reduces; `aggregates_by_shares` is derived, not set by hand."""
+    from fedbench.methods.local_sgd import LocalSGDMethod
+    from fedbench.registry import table
+
+    for name, cls in table("method").items():
+        family = issubclass(cls, LocalSGDMethod)
+        replaced = family and cls.aggregate is not LocalSGDMethod.aggregate
+        assert cls.aggregates_by_shares == (family and not replaced), name
+    shares = sorted(n for n, c in table("method").items() if c.aggregates_by_shares)
+    assert shares == ["fedavg", "fedavg_prune", "fedht", "fediterht", "fedprox", "fedsq", "scaffold"]

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
-from fedbench.data.partitions import iid
+from fedbench.data.partitions import IidConfig, iid
 from fedbench.engine.executors import BatchedExecutor, Executor, SequentialExecutor, resolve_memory_format
 from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.engine.protocol import RoundContext, RunContext
@@ -71,7 +71,7 @@ def make_data(w: Workload, device: torch.device, dtype: torch.dtype, seed: int =
     x = torch.randn(n, *w.input_shape, generator=g)
     teacher = torch.randn(math.prod(w.input_shape), w.classes, generator=g)
     y = (x.reshape(n, -1) @ teacher).argmax(1)
-    parts = iid(y.numpy(), w.clients, OmegaConf.create({"min_samples": 1}), np.random.default_rng(seed))
+    parts = iid(y.numpy(), w.clients, IidConfig(name="iid", min_samples=1), np.random.default_rng(seed))
     return ClientView.build(x.to(device, dtype), y.to(device), parts)
 
 

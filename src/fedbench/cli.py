@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fedbench.metrics import names
 from fedbench.preflight import GROUPS, PREFLIGHT_JOBS, available, check_group_overrides, missing_sweeper, preflight
 
 __all__ = ["GROUPS", "available", "check_group_overrides", "main", "preflight"]
@@ -51,7 +52,7 @@ def share_cores_with_parallel_jobs(cfg: DictConfig, hc: object) -> None:
     import torch
 
     target = str(hc.launcher.get("_target_") or "")
-    if "Joblib" not in target or cfg.hardware.get("threads"):
+    if "Joblib" not in target or cfg.hardware.threads:
         return
     cores = os.cpu_count() or 1
     n_jobs = int(hc.launcher.get("n_jobs", -1) or -1)
@@ -138,7 +139,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def objective(summary: dict) -> float:
     """What a tuning sweeper maximises: validation only, never test (accuracy, R^2, or the clients'
     personal validation accuracy for methods without a global model)."""
-    for key in ("best/val_acc", "best/val_r2", "best/personal_val_acc"):
+    for key in names.BEST_VALIDATION_KEYS:
         if summary.get(key) is not None:
             return float(summary[key])
     return float("nan")

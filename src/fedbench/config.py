@@ -208,3 +208,20 @@ def register_schemas() -> None:
     store = ConfigStore.instance()
     for name, method_cls in table("method").items():
         store.store(group="method_schema", name=name, node=defaults_of(method_cls.Config, name))
+
+
+def typed_choice(kind: str, node: Any) -> Any:
+    """The typed config of a group choice (dataset, partition, backbone) from its composed node or a
+    mapping; an already typed config is returned as it is. Builders read only typed configs, so every
+    default is the dataclass's (written once). A plugin choice without a typed config gets its node."""
+    from omegaconf import OmegaConf
+
+    from fedbench.registry import config_class
+
+    if isinstance(node, GroupConfig):
+        return node
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    config_cls = config_class(kind, str(values.get("name")))
+    if config_cls is None:
+        return node
+    return build_config(config_cls, values, prefix=kind, owner=f"{kind}={values.get('name')}")

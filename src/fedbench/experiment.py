@@ -12,14 +12,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fedbench.engine.distributed import SINGLE, World, broadcast
+from fedbench.engine.distributed import World, broadcast
 from fedbench.errors import ConfigError, DivergedError, Preempted, RunDirTaken
 from fedbench.run.build import build_run
-from fedbench.run.callbacks import Callback, CheckpointCallback, DivergenceCallback, StopFlag
-from fedbench.run.evaluation import EvaluationCallback, evaluate_personal
+from fedbench.run.callbacks import Callback, StopFlag, build_callbacks, follower_callbacks
+from fedbench.run.evaluation import evaluate_personal
 from fedbench.run.lock import run_dir_lock
 from fedbench.run.loop import run_rounds
-from fedbench.run.sinks import FilesCallback, ProgressCallback, WandbCallback
 from fedbench.run.state import find_resumable, fingerprint, load_checkpoint, previous_path
 from fedbench.run.summary import format_summary
 from fedbench.run.validation import resolve_device, validate
@@ -29,12 +28,6 @@ __all__ = ["ConfigError", "DivergedError", "Preempted", "StopFlag", "evaluate_pe
            "run_experiment", "validate"]
 
 log = logging.getLogger("fedbench")
-
-
-def default_callbacks(cfg: DictConfig, stop_after: int | None = None, world: World = SINGLE) -> list[Callback]:
-    """Evaluation first (it adds metrics to the row), then the sinks, then the guards."""
-    return [EvaluationCallback(), ProgressCallback(bool(cfg.progress)), FilesCallback(), WandbCallback(),
-            DivergenceCallback(), CheckpointCallback(int(cfg.checkpoint_every), stop_after, world)]
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any] | None, dict[str, Any] | None]:
@@ -65,7 +58,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
     """Run (or continue) one experiment in `run_dir`; returns the summary.
 
     `stop_after=k` stops after round k as a preemption would (checkpoint, then `Preempted`);
-    `callbacks` replaces the default list (evaluation, progress, files, W&B, divergence, checkpoint).
+    `callbacks` replaces the list the config asks for (fedbench.run.callbacks.build_callbacks).
     With several workers (hardware.workers, torchrun, SLURM tasks) rank 0 returns the summary, the
     other ranks an empty dict."""
     started = time.perf_counter()
@@ -89,8 +82,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
             with run_dir_lock(target, key) if target != run_dir else contextlib.nullcontext():
                 run = build_run(cfg, target, checkpoint, sweep_group, world)
                 run.created = started
-                return run_rounds(run, callbacks if callbacks is not None else default_callbacks(cfg, stop_after,
-                                                                                                  world))
+                return run_rounds(run, callbacks if callbacks is not None else build_callbacks(cfg, stop_after,
+                                                                                                world))
     finally:
         finish_workers(world, children)
 
@@ -107,5 +100,5 @@ def follow(cfg: DictConfig, world: World, stop_after: int | None) -> dict[str, A
     if cfg.resume in (True, "auto") and (ckpt.exists() or previous_path(ckpt).exists()):
         checkpoint = load_checkpoint(ckpt, resolve_device(str(cfg.hardware.device)))
     run = build_run(cfg, target, checkpoint, None, world)
-    run_rounds(run, [DivergenceCallback(), CheckpointCallback(int(cfg.checkpoint_every), stop_after, world)])
+    run_rounds(run, follower_callbacks(cfg, stop_after, world))
     return {}

@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedbench.errors import ConfigError
 
-GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger", "experiment")
+GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger", "callbacks", "experiment")
+ADDED_GROUPS = ("callbacks", "experiment")  # selected with +: +callbacks=[early_stop,csv], +experiment=NAME
 SWEEP_FUNCTIONS = ("range(", "choice(", "glob(", "interval(", "tag(")
 PREFLIGHT_JOBS: dict[str, Any] = {}  # what the pre-flight learnt: number of jobs, (fingerprint, overrides)
 
@@ -53,6 +54,8 @@ def check_group_overrides(argv: list[str]) -> str | None:
         if key not in GROUPS:
             continue
         choices = available(key, extra)
+        listed = value.startswith("[") and value.endswith("]")  # +callbacks=[a,b] selects several
+        value = value[1:-1] if listed else value
         values = value.split(",") if value and not value.startswith(SWEEP_FUNCTIONS) else [value]
         for v in values:
             if v and v not in choices:
@@ -113,7 +116,9 @@ def composition_error(e: Exception, job: list[str]) -> str:
             guess = f"did you mean {near[0]}? " if near else ""
             if "No match in the defaults list" in text:
                 return f"{key}: not selected by default; {hint[0].lower() + hint[1:] if hint else ''}".strip()
-            return (f"{key}: unknown key or config group; {guess}groups: {', '.join(GROUPS[:-1])}, +experiment; "
+            plain = ", ".join(g for g in GROUPS if g not in ADDED_GROUPS)
+            added = ", ".join(f"+{g}" for g in ADDED_GROUPS)
+            return (f"{key}: unknown key or config group; {guess}groups: {plain}, {added}; "
                     f"top-level keys: {', '.join(_top_level_keys())}")
         rest = [o for o in job if not o.lstrip("+~").startswith(key + "=")]
         try:

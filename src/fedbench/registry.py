@@ -1,4 +1,4 @@
-"""Name -> builder tables, one per kind (method, backbone, dataset, partition).
+"""Name -> builder tables, one per kind (method, backbone, dataset, partition, callback).
 
 Builders register themselves with `@register(kind, name)`. The modules of each kind are found by
 convention (every module of the kind's package is imported on first use), so a new method is one module
@@ -20,7 +20,10 @@ from fedbench.errors import ConfigError
 _TABLES: dict[str, dict[str, Any]] = {}
 _CONFIGS: dict[str, dict[str, Any]] = {}  # kind -> name -> the typed config class of that choice
 _PACKAGES = {"method": ("fedbench.methods",), "dataset": ("fedbench.data",),
-             "partition": ("fedbench.data",), "backbone": ("fedbench.models",)}
+             "partition": ("fedbench.data",), "backbone": ("fedbench.models",),
+             "callback": ("fedbench.callbacks",)}  # one module per callback
+# single modules that register builders too: the built-in callbacks live with the run they serve
+_MODULES = {"callback": ("fedbench.run.callbacks", "fedbench.run.evaluation", "fedbench.run.sinks")}
 _DISCOVERED: set[str] = set()
 
 
@@ -48,6 +51,8 @@ def discover(kind: str) -> None:
     if kind in _DISCOVERED:
         return
     _DISCOVERED.add(kind)
+    for module in _MODULES.get(kind, ()):
+        importlib.import_module(module)
     for package in _PACKAGES.get(kind, ()):
         _import_package(package)
     if kind == "method":

@@ -87,3 +87,4 @@ class FeaturesConfig(GroupConfig):
 @dataclass(frozen=True)
 class MetricsConfig(GroupConfig):
     target: float | None = spec(0.9, gt=0, le=1)   # rounds_to_target: first round with val metric >= target
+

@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod
+from fedbench.methods.local_sgd import LocalSGDConfig, LocalSGDMethod
 from fedbench.registry import register
 
 

@@ -6,6 +6,7 @@ real on-disk formats from `dataset.root` and download only when `dataset.downloa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedbench.config import GroupConfig, spec
+from fedbench.config import GroupConfig, spec, typed_choice
 from fedbench.errors import ConfigError
 from fedbench.registry import lookup, register
 
@@ -132,12 +133,12 @@ _LOADED: dict[str, Dataset] = {}
 def load_dataset(cfg: Any) -> Dataset:
     """The dataset `cfg` (its group config) names, loaded once per process for the same config: the CLI's
     pre-flight and the run it starts (single runs, the basic launcher) share one load."""
-    from omegaconf import OmegaConf
-
-    key = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    builder = lookup("dataset", str(cfg.name))
+    cfg = typed_choice("dataset", cfg)
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     if key not in _LOADED:
         _LOADED.clear()  # keep one: a sweep over datasets does not pile them up
-        _LOADED[key] = lookup("dataset", str(cfg.name))(cfg)
+        _LOADED[key] = builder(cfg)
     return _LOADED[key]
 
 
@@ -168,11 +169,11 @@ def _from_arrays(name: str, x: np.ndarray, y: np.ndarray, cfg: Any, num_classes:
                  columns: dict[str, np.ndarray] | None = None, **extra: Any) -> Dataset:
     """Build a Dataset, carving validation (and test, when there is no official one) out of x.
     `columns` (aligned with x) follow the training pool's rows."""
-    val_frac = float(cfg.get("val_fraction", 0.1))
-    seed = int(cfg.get("split_seed", 0))
+    val_frac = cfg.val_fraction
+    seed = cfg.split_seed
     labels = y if (stratify and task == "classification") else np.zeros(len(y), dtype=np.int64)
     if x_test is None:
-        test_frac = float(cfg.get("test_fraction", 0.2))
+        test_frac = cfg.test_fraction
         test_idx, val_idx, train_idx = _stratified_holdout(labels, [test_frac, val_frac], seed)
         x_test, y_test = x[test_idx], y[test_idx]
     else:
@@ -261,9 +262,9 @@ def sparse_coefficients(d: int, true_density: float, kind: str, rng: np.random.G
 @register("dataset", "synthetic_logistic", config=SyntheticConfig)
 def load_synthetic_logistic(cfg: Any) -> Dataset:
     d, n = int(cfg.d), int(cfg.n)
-    rng = np.random.default_rng(int(cfg.get("generator_seed", 0)))
+    rng = np.random.default_rng(cfg.generator_seed)
     x = toeplitz_gaussian(n, d, float(cfg.corr), rng)
-    theta, support = sparse_coefficients(d, float(cfg.true_density), str(cfg.get("coef", "normal")), rng)
+    theta, support = sparse_coefficients(d, float(cfg.true_density), cfg.coef, rng)
     logits = (x @ theta)[:, 0]
     y = (rng.random(n) < 1.0 / (1.0 + np.exp(-logits))).astype(np.int64)
     return _from_arrays("synthetic_logistic", x.astype(np.float32), y, cfg, 2,
@@ -274,9 +275,9 @@ def load_synthetic_logistic(cfg: Any) -> Dataset:
 def load_synthetic_linear(cfg: Any) -> Dataset:
     """y = x . theta* + noise with noise variance Var(x . theta*) / snr (FLoPS's first experiment)."""
     d, n = int(cfg.d), int(cfg.n)
-    rng = np.random.default_rng(int(cfg.get("generator_seed", 0)))
+    rng = np.random.default_rng(cfg.generator_seed)
     x = toeplitz_gaussian(n, d, float(cfg.corr), rng)
-    theta, support = sparse_coefficients(d, float(cfg.true_density), str(cfg.get("coef", "normal")), rng)
+    theta, support = sparse_coefficients(d, float(cfg.true_density), cfg.coef, rng)
     signal = (x @ theta)[:, 0]
     noise_sd = math.sqrt(signal.var() / float(cfg.snr))
     y = (signal + noise_sd * rng.standard_normal(n)).astype(np.float32)
@@ -288,9 +289,9 @@ def load_synthetic_linear(cfg: Any) -> Dataset:
 def load_synthetic_multiclass(cfg: Any) -> Dataset:
     """y ~ softmax(x Theta*) with row-sparse Theta* (the same features matter for every class)."""
     d, n, c = int(cfg.d), int(cfg.n), int(cfg.classes)
-    rng = np.random.default_rng(int(cfg.get("generator_seed", 0)))
+    rng = np.random.default_rng(cfg.generator_seed)
     x = toeplitz_gaussian(n, d, float(cfg.corr), rng)
-    theta, support = sparse_coefficients(d, float(cfg.true_density), str(cfg.get("coef", "normal")), rng,
+    theta, support = sparse_coefficients(d, float(cfg.true_density), cfg.coef, rng,
                                          outputs=c)
     logits = x @ theta
     p = np.exp(logits - logits.max(1, keepdims=True))

@@ -94,10 +94,10 @@ def open_splits(cfg: Any) -> dict[str, Any]:
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             obj = datasets.load_from_disk(str(local))
         elif local.exists():
-            obj = datasets.load_dataset(path, cfg.get("config_name"), cache_dir=cfg.get("cache_dir"))
+            obj = datasets.load_dataset(path, cfg.config_name, cache_dir=cfg.cache_dir)
         else:
             with offline_unless_reachable(datasets):
-                obj = datasets.load_dataset(path, cfg.get("config_name"), cache_dir=cfg.get("cache_dir"))
+                obj = datasets.load_dataset(path, cfg.config_name, cache_dir=cfg.cache_dir)
     except Exception as e:  # noqa: BLE001 - hub, cache and file errors all mean: not available here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"dataset.path={path}: not loadable here ({first[:160]}); with no network or "
@@ -132,7 +132,7 @@ def _images(ds: Any, key: str) -> np.ndarray:
 
 
 def _inputs(ds: Any, cfg: Any) -> np.ndarray:
-    if cfg.get("feature_keys"):
+    if cfg.feature_keys:
         return np.stack([np.asarray(_column(ds, k, "dataset.feature_keys"), dtype=np.float32)
                          for k in cfg.feature_keys], 1)
     return _images(ds, str(cfg.image_key))
@@ -154,7 +154,7 @@ def _labels(ds: Any, key: str, names: list[str] | None) -> tuple[np.ndarray, lis
 
 def load_hf(cfg: Any) -> Dataset:
     splits = open_splits(cfg)
-    train_name, test_name = str(cfg.split), cfg.get("test_split")
+    train_name, test_name = str(cfg.split), cfg.test_split
     for key, name in (("dataset.split", train_name), ("dataset.test_split", test_name)):
         if name is not None and str(name) not in splits:
             raise ConfigError(f"{key}={name}: no such split; the dataset has {', '.join(splits)}")
@@ -170,7 +170,7 @@ def load_hf(cfg: Any) -> Dataset:
         x = (x - mean) / std
         x_test = None if x_test is None else (x_test - mean) / std
     columns = {str(k): np.asarray(_column(train, str(k), "dataset.keep_columns"))
-               for k in cfg.get("keep_columns") or []}
+               for k in cfg.keep_columns}
     num_classes = len(names) if names else int(max(y.max(), -1 if y_test is None else y_test.max())) + 1
     return _from_arrays(str(cfg.name), x, y, cfg, num_classes, x_test=x_test, y_test=y_test, columns=columns,
                         info={"source": str(cfg.path), "class_names": names})

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbench.config import GroupConfig, spec
+from fedbench.config import GroupConfig, spec, typed_choice
 from fedbench.errors import ConfigError
 from fedbench.registry import register
 
@@ -112,10 +112,10 @@ def _check_common(n_samples: int, n_clients: int, min_samples: int) -> None:
 def iid(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
         columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     n = len(labels)
-    min_samples = int(cfg.get("min_samples", 1))
+    min_samples = cfg.min_samples
     _check_common(n, n_clients, min_samples)
     perm = rng.permutation(n)
-    skew = float(cfg.get("quantity_skew", 0.0))
+    skew = cfg.quantity_skew
     if skew > 0:
         # lognormal client sizes; every client keeps min_samples, the rest is shared out
         w = rng.lognormal(0.0, skew, n_clients)
@@ -135,9 +135,9 @@ def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Gener
     if not alpha > 0:
         raise ConfigError(f"partition.alpha={cfg.alpha}: must be a float > 0 (small alpha = more label skew)")
     n = len(labels)
-    min_samples = int(cfg.get("min_samples", 1))
-    max_retries = int(cfg.get("max_retries", 100))
-    balance = bool(cfg.get("balance", False))
+    min_samples = cfg.min_samples
+    max_retries = cfg.max_retries
+    balance = cfg.balance
     _check_common(n, n_clients, min_samples)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     cap = n / n_clients
@@ -170,9 +170,9 @@ def dirichlet(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Gener
 @register("partition", "shards", config=ShardsConfig)
 def shards(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
         columns: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    per_client = int(cfg.get("shards_per_client", 2))
+    per_client = cfg.shards_per_client
     n = len(labels)
-    _check_common(n, n_clients, int(cfg.get("min_samples", 1)))
+    _check_common(n, n_clients, cfg.min_samples)
     n_shards = n_clients * per_client
     if n_shards > n:
         raise ConfigError(f"partition=shards: clients x shards_per_client = {n_shards} shards but only "
@@ -207,10 +207,11 @@ def make_partition(labels: np.ndarray, n_clients: int, cfg: Any, seed: int,
     from fedbench.registry import lookup
 
     fn = lookup("partition", str(cfg.name))
+    cfg = typed_choice("partition", cfg)
     rng = np.random.default_rng([int(seed), 0x9A27])
     parts = fn(labels, n_clients, cfg, rng, columns)
-    part = split_local(parts, float(cfg.get("client_val_fraction", 0.0)),
-                       float(cfg.get("client_test_fraction", 0.0)), rng)
+    part = split_local(parts, cfg.client_val_fraction,
+                       cfg.client_test_fraction, rng)
     empty = [k for k, t in enumerate(part.train) if len(t) == 0]
     if empty:
         raise ConfigError(f"partition={cfg.name}: {len(empty)} client(s) got no training samples "
@@ -250,14 +251,14 @@ def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Genera
     s = float(cfg.s)
     if not 0.0 <= s <= 1.0:
         raise ConfigError(f"partition.s={s}: the iid fraction must be in [0, 1]")
-    rule = str(cfg.get("rule", "fedpac"))
+    rule = cfg.rule
     if rule not in ("fedpac", "disjoint"):
         raise ConfigError(f"partition.rule={rule!r}: allowed: fedpac, disjoint")
     classes = np.unique(labels)
-    _check_common(len(labels), n_clients, int(cfg.get("min_samples", 1)))
+    _check_common(len(labels), n_clients, cfg.min_samples)
     if rule == "disjoint":
         return _noniid_s_disjoint(labels, classes, n_clients, cfg, s, rng)
-    groups = _overlapping_groups(classes, int(cfg.get("group_size", 3)), int(cfg.get("group_stride", 2)))
+    groups = _overlapping_groups(classes, cfg.group_size, cfg.group_stride)
     counts = {c: int((labels == c).sum()) for c in classes}
 
     def shares(size: int, k: int) -> dict[Any, int]:
@@ -275,7 +276,7 @@ def noniid_s(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Genera
                 need[c] += m
         return all(need[c] <= counts[c] for c in classes)
 
-    size = cfg.get("local_size")
+    size = cfg.local_size
     if size is None:  # FedPAC's 600 train + 300 test, or the largest size the data can give every client
         size = next((m for m in range(900, 0, -1) if fits(m)), 0)
     size = int(size)
@@ -309,11 +310,11 @@ def _overlapping_groups(classes: np.ndarray, size: int, stride: int) -> list[lis
 def _noniid_s_disjoint(labels: np.ndarray, classes: np.ndarray, n_clients: int, cfg: Any, s: float,
                        rng: np.random.Generator) -> list[np.ndarray]:
     """fedbench's earlier noniid_s: disjoint class groups (client k -> group k mod `groups`), the s share iid."""
-    n_groups = int(cfg.get("groups", 5))
+    n_groups = cfg.groups
     if not 1 <= n_groups <= len(classes):
         raise ConfigError(f"partition.groups={n_groups}: must be in [1, {len(classes)}] (the number of classes)")
     n = len(labels)
-    size = cfg.get("local_size")
+    size = cfg.local_size
     size = int(size) if size is not None else int(0.95 * n / n_clients)  # slack so the pools never run dry
     if size < 1 or size * n_clients > n:
         raise ConfigError(f"partition.local_size={size} x clients={n_clients} exceeds the {n} training "
@@ -371,7 +372,7 @@ def flwr(labels: np.ndarray, n_clients: int, cfg: Any, rng: np.random.Generator,
     cls = vars(module).get(str(cfg.partitioner))
     if str(cfg.partitioner) not in known or cls is None:
         raise ConfigError(f"partition.partitioner={cfg.partitioner} is unknown; allowed: {', '.join(known)}")
-    kwargs = dict(cfg.get("kwargs") or {})
+    kwargs = dict(cfg.kwargs)
     accepted = inspect.signature(cls).parameters
     if kwargs.setdefault("num_partitions", n_clients) != n_clients:
         raise ConfigError(f"partition.kwargs.num_partitions={kwargs['num_partitions']}: must equal clients={n_clients}")

@@ -24,7 +24,9 @@ Optional, with the defaults below (override what the method needs; nothing is pr
     uplink_share(up, ctx, rows) -> the additive share of clients `rows` in what aggregate reduces the
                                 uplink to (weighted means); with `aggregate_shares(gstate, reduced, ctx)`
                                 it lets a sharded round all-reduce one model-sized message per rank
-                                instead of gathering every client's uplink (flag `aggregates_by_shares`)
+                                instead of gathering every client's uplink. The FedAvg family
+                                (methods/local_sgd.py) always aggregates this way; its methods change the
+                                result in `post_aggregate`, never by overriding `aggregate`
     check_run(run)              run-level requirements (rounds, participation, ...), ConfigError if unmet
     local_epochs(configured)    local epochs per round (default: the run's `local_epochs`; FedRep's own
                                 head + body epochs)
@@ -35,13 +37,17 @@ Optional, with the defaults below (override what the method needs; nothing is pr
     gated_final(gstate)         the sparsified tensors (density, TDR); None: the method does not sparsify
     expected_density(gstate)    mean P(gate open); None where it does not apply
 Declared flags: batchable, prefers_sequential, uses_backbone, has_global_model, reports_train_loss,
-aggregates_by_shares (True only where `aggregate` is exactly `aggregate_shares` of the whole cohort's share),
-noise_dim (> 0: batch["noise"] holds uniform numbers of that size per step from the client's seeded
+aggregates_by_shares (derived, not set by hand: True for the FedAvg family unless a subclass replaces
+`aggregate`), noise_dim (> 0: batch["noise"] holds uniform numbers of that size per step from the client's seeded
 generator, so executors agree and a resumed run redraws them), step_size_keys (the config keys that are
 step sizes besides the run's lr: a diverged run names them).
 
 Anything a method carries across rounds lives in the global or client state (checkpointed), never on
-the method object: resume is exact.
+the method object: resume is exact. The round's client learning rate (the run's `lr` on its
+`lr_schedule`) is `self.lr`, set before each round.
+
+The FedAvg family (local SGD from the broadcast model, then a server optimizer step) is in
+methods/local_sgd.py.
 """
 
 from __future__ import annotations
@@ -51,10 +57,8 @@ from typing import Any
 
 import torch
 from torch.func import functional_call
-from torch.utils._pytree import tree_map
 
-from fedbench.config import MethodConfig, spec
-from fedbench.engine.functional import grad, mean_share, plain_eager
+from fedbench.config import MethodConfig
 from fedbench.engine.protocol import ClientFns, RoundContext, RunContext, Tensors
 from fedbench.metrics.comm import Payload
 
@@ -78,7 +82,7 @@ class Method:
     has_global_model = True    # False: accuracy is only meaningful per client (personal/*)
     reports_train_loss = True
     noise_dim = 0              # > 0: uniform noise of this size per local step in batch["noise"]
-    aggregates_by_shares = False  # aggregate == aggregate_shares(uplink_share(whole cohort)); set per class
+    aggregates_by_shares = False  # aggregate == aggregate_shares(uplink_share(whole cohort)); see local_sgd
     step_size_keys: tuple[str, ...] = ()  # config keys that are step sizes (named when a run diverges)
 
     def __init__(self, config: MethodConfig | None = None):
@@ -170,120 +174,3 @@ class Method:
 
     def expected_density(self, gstate: dict[str, Any]) -> float | None:
         return None
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalSGDConfig(MethodConfig):
-    # client SGD momentum (its state lives in the local state, reset each round)
-    momentum: float = spec(0.0, ge=0, lt=1)
-    weight_decay: float = spec(0.0, ge=0)
-    server_lr: float = spec(1.0, gt=0)
-    server_momentum: float = spec(0.0, ge=0, lt=1)  # > 0: FedAvgM
-    # BatchNorm in local training: batch statistics (updated) | frozen (the
-    bn: str = spec("batch", choices=("batch", "frozen"))
-                                   # starting statistics, never updated: FedSQ's default, a control for it)
-
-    def __post_init__(self) -> None:  # subclasses call it for their cross-key checks
-        return None
-
-
-class LocalSGDMethod(Method):
-    """FedAvg-style skeleton: local SGD from the broadcast model, then a server update.
-
-    Subclasses change `correct_grad` (FedProx's proximal term, SCAFFOLD's control variates),
-    what is broadcast, and what is uploaded.
-    """
-
-    Config = LocalSGDConfig
-    step_size_keys = ("server_lr",)
-
-    def setup(self, ctx: RunContext) -> None:
-        super().setup(ctx)
-        if self.cfg.bn == "frozen" and self.model is not None:
-            self.model.eval()  # BatchNorm normalises with, and keeps, the starting running statistics
-
-    # ---- server --------------------------------------------------------------------------
-    def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
-        state: dict[str, Any] = {"params": params, "buffers": buffers}
-        if self.cfg.server_momentum > 0:
-            state["server_mom"] = tree_map(torch.zeros_like, params)
-        return state
-
-    def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
-        return Payload({"params": gstate["params"], "buffers": gstate["buffers"]})
-
-    def server_apply(self, gstate: dict[str, Any], delta: Tensors) -> dict[str, Any]:
-        """params += server_lr * (momentum-filtered) mean client delta (FedAvgM when momentum > 0)."""
-        beta = self.cfg.server_momentum
-        new = dict(gstate)
-        if beta > 0:
-            mom = {k: beta * gstate["server_mom"][k] + delta[k] for k in delta}
-            new["server_mom"] = mom
-            delta = mom
-        new["params"] = {k: gstate["params"][k] + self.cfg.server_lr * delta[k] for k in delta}
-        return new
-
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
-                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        return self.aggregate_shares(gstate, self.uplink_share(up, ctx, slice(0, len(ctx.cohort))), ctx)
-
-    def uplink_share(self, up: dict[str, Any], ctx: RoundContext, rows: slice) -> dict[str, Any]:
-        """Clients `rows`' share of the n_k-weighted mean model and buffers."""
-        w, total, first = ctx.sizes[rows], ctx.sizes.sum(), rows.start == 0 and rows.stop > rows.start
-        return {"params": mean_share(up["params"], w, total, first),
-                "buffers": mean_share(up["buffers"], w, total, first)}
-
-    def aggregate_shares(self, gstate: dict[str, Any], reduced: dict[str, Any],
-                         ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        delta = {k: reduced["params"][k] - gstate["params"][k] for k in reduced["params"]}
-        new = self.server_apply(gstate, delta)
-        new["buffers"] = reduced["buffers"]
-        return new, {}
-
-    # ---- client --------------------------------------------------------------------------
-    def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
-        params = down["params"]
-        local: dict[str, Any] = {
-            "params": {k: v.clone() for k, v in params.items()},
-            "buffers": {k: v.clone() for k, v in down["buffers"].items()},
-            "steps": torch.zeros((), dtype=next(iter(params.values())).dtype, device=client_id.device),
-        }
-        if self.cfg.momentum > 0:
-            local["mom"] = {k: torch.zeros_like(v) for k, v in params.items()}
-        return local
-
-    def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
-        return g
-
-    def sgd(self, params: Tensors, g: Tensors, local: dict[str, Any], new: dict[str, Any],
-            mask: dict[str, Any] | None = None, mom_key: str = "mom") -> Tensors:
-        """One SGD step with the method's weight decay and momentum; entries with mask 0 stay put.
-        Writes the momentum buffer into `new` (the local state being built). In plain eager code (the
-        sequential executor) `params` belong to the local state and are updated in place."""
-        mask = mask or {}
-        if self.cfg.weight_decay > 0:
-            g = {k: g[k] + self.cfg.weight_decay * params[k] for k in g}
-        g = {k: g[k] * mask[k] if k in mask else g[k] for k in g}
-        mu = self.cfg.momentum
-        if mu > 0 and mom_key in local:
-            mom = {k: mu * local[mom_key][k] + g[k] for k in g}
-            new[mom_key] = mom
-            g = {k: mom[k] * mask[k] if k in mask else mom[k] for k in mom}
-        if plain_eager():  # the sequential executor: the local state owns `params` (cloned in client_init)
-            for k in params:
-                params[k].add_(g[k], alpha=-self.lr)
-            return params
-        # one fused pass per tensor (a - lr*b would allocate twice)
-        return {k: torch.add(params[k], g[k], alpha=-self.lr) for k in params}
-
-    def client_step(self, local: dict[str, Any], down: dict[str, Any],
-                    batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
-        params = local["params"]
-        g, (loss, buffers) = grad(self.loss_fn, has_aux=True)(params, local["buffers"], batch["x"], batch["y"],
-                                                               batch["w"])
-        new = dict(local, buffers=buffers, steps=local["steps"] + 1)
-        new["params"] = self.sgd(params, self.correct_grad(g, local, down), local, new)
-        return new, loss
-
-    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
-        return {"params": local["params"], "buffers": local["buffers"]}, {}

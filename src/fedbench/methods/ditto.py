@@ -12,7 +12,8 @@ import torch
 
 from fedbench.config import spec
 from fedbench.engine.functional import grad
-from fedbench.methods.base import LocalSGDConfig, Tensors
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDConfig
 from fedbench.methods.personal import PersonalizedMethod, per_client
 from fedbench.registry import register
 

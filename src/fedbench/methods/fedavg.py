@@ -1,10 +1,9 @@
 """FedAvg (McMahan et al. 2017). Sends the model down and the locally trained model up."""
 
-from fedbench.methods.base import LocalSGDMethod
+from fedbench.methods.local_sgd import LocalSGDMethod
 from fedbench.registry import register
 
 
 @register("method", "fedavg")
 class FedAvg(LocalSGDMethod):
     name = "fedavg"
-    aggregates_by_shares = True

@@ -11,7 +11,9 @@ import torch
 
 from fedbench.config import spec
 from fedbench.engine.functional import grad
-from fedbench.methods.base import LocalSGDConfig, Tensors
+from fedbench.engine.optim import sgd_step
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDConfig
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.registry import register
 
@@ -46,5 +48,5 @@ class FedBABU(PersonalizedMethod):
         with torch.enable_grad():
             for _ in range(self.cfg.finetune_steps):
                 g = grad(loss)(head)
-                head = {k: head[k] - self.cfg.finetune_lr * g[k] for k in head}
+                head = sgd_step(head, g, self.cfg.finetune_lr)
         return {**params, **head}, buffers

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 
 from fedbench.config import spec
 from fedbench.engine.functional import grad
+from fedbench.engine.optim import sgd_step
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
-from fedbench.methods.base import LocalSGDConfig, Tensors
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDConfig
 from fedbench.methods.personal import PersonalizedMethod, per_client
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
@@ -185,7 +187,7 @@ class FedeCouple(PersonalizedMethod):
         new = dict(local, buffers=buffers, steps=local["steps"] + 1)
         # gpc trains phi_i only (its loss sees detached features); glf_local must not move phi_i
         new_body = self.sgd(body, g_theta, local, new, {})
-        new["phead"] = {k: local["phead"][k] - self.lr * ph["gpc"] * g_phi[k] for k in g_phi}
+        new["phead"] = sgd_step(local["phead"], g_phi, self.lr * ph["gpc"])
         new["params"] = {**new_body, **phi_g}
         if ema:
             beta = self.cfg.anchor_momentum

@@ -33,7 +33,8 @@ from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
-from fedbench.methods.base import LocalSGDConfig, Tensors
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDConfig
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
@@ -176,15 +177,16 @@ class FedPAC(PersonalizedMethod):
                   body_phase: torch.Tensor) -> tuple[Tensors, Tensors]:
         """SGD with momentum and weight decay on the phase's parameters only (the others keep zero momentum:
         each phase starts its momentum at 0, as a fresh optimizer does); the head at head_lr."""
-        c, params, new_params, new_mom = self.cfg, local["params"], {}, {}
-        for k, p in params.items():
-            is_head = k in self.head_keys
-            on = head_phase if is_head else body_phase
-            lr = c.head_lr if is_head else self.lr
-            mom = (c.momentum * local["mom"][k] + g[k] + c.weight_decay * p) * on
-            new_mom[k] = mom
-            new_params[k] = p - lr * mom
-        return new_params, new_mom
+        params, new_params, new_mom = local["params"], {}, {}
+        body_keys = [k for k in params if k not in self.head_keys]
+        for keys, on, lr in ((self.head_keys, head_phase, self.cfg.head_lr), (body_keys, body_phase, self.lr)):
+            keys = [k for k in keys if k in params]
+            state = {"m": {k: local["mom"][k] * on for k in keys}}  # a phase's momentum starts at 0
+            opt_state, stepped = self.client_opt.apply({k: g[k] for k in keys}, state, {k: params[k] for k in keys},
+                                                       lr=lr, mask=dict.fromkeys(keys, on))
+            new_params.update(stepped)
+            new_mom.update(opt_state["m"] if opt_state else state["m"])  # momentum 0: no state kept
+        return {k: new_params[k] for k in params}, {k: new_mom[k] for k in params}
 
     def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         up, keep = super().client_final(local, down, cstate)

@@ -16,7 +16,8 @@ from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
-from fedbench.methods.base import LocalSGDConfig, Tensors
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDConfig
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register

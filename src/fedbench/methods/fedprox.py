@@ -7,7 +7,8 @@ import dataclasses
 from typing import Any
 
 from fedbench.config import spec
-from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDConfig, LocalSGDMethod
 from fedbench.registry import register
 
 
@@ -20,7 +21,6 @@ class FedProxConfig(LocalSGDConfig):
 class FedProx(LocalSGDMethod):
     name = "fedprox"
     Config = FedProxConfig
-    aggregates_by_shares = True
 
     def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
         mu = self.cfg.mu

@@ -14,7 +14,7 @@ import torch
 
 from fedbench.config import spec
 from fedbench.errors import ConfigError
-from fedbench.methods.base import LocalSGDConfig
+from fedbench.methods.local_sgd import LocalSGDConfig
 from fedbench.methods.personal import PersonalizedMethod
 from fedbench.registry import register
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedbench.engine.functional import grad
+from fedbench.engine.optim import sgd_step
 from fedbench.engine.protocol import RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors
@@ -62,7 +63,7 @@ class FedRoD(PersonalizedMethod):
         (g, g_p), (loss, buffers) = grad(loss_fn, argnums=(0, 1), has_aux=True)(local["params"], local["phead"])
         new = dict(local, buffers=buffers, steps=local["steps"] + 1)
         new["params"] = self.sgd(local["params"], g, local, new, {})
-        new["phead"] = {k: torch.add(local["phead"][k], g_p[k], alpha=-self.lr) for k in g_p}
+        new["phead"] = sgd_step(local["phead"], g_p, self.lr)
         return new, loss
 
     def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:

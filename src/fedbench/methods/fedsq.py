@@ -19,7 +19,7 @@ import torch
 from fedbench.config import spec
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
-from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod
+from fedbench.methods.local_sgd import LocalSGDConfig, LocalSGDMethod
 from fedbench.models.dualcopy import dual_forward, install_gates, make_dual_loss_fn
 from fedbench.models.warmstart import calibrate
 from fedbench.registry import register
@@ -75,9 +75,8 @@ class FedSQ(LocalSGDMethod):
                        {k: v.detach().clone() for k, v in ctx.buffers.items()})
         self.loss_fn = make_dual_loss_fn(self.model, self.gates, *self.struct, self.task)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
-                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        new, _ = super().aggregate(gstate, up, ctx)
+    def post_aggregate(self, gstate: dict[str, Any], new: dict[str, Any], reduced: dict[str, Any],
+                       ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         return new, {"fedsq/n_gates": len(self.gates)}
 
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:

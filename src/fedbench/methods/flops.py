@@ -25,6 +25,7 @@ import torch
 
 from fedbench.config import MethodConfig, spec
 from fedbench.engine.functional import grad, weighted_mean
+from fedbench.engine.optim import sgd_step
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Method, Tensors
@@ -229,7 +230,7 @@ class FLoPS(GatedMethod):
         g = weighted_mean(up, ctx.sizes)
         eta_theta = self.lr_at(self.cfg.eta_theta, round_)
         eta_phi = self.lr_at(self.cfg.eta_phi, round_)
-        params = {k: v - eta_theta * g["g_theta"][k] for k, v in gstate["params"].items()}
+        params = sgd_step(gstate["params"], g["g_theta"], eta_theta)  # FedSGD on the weights
         la = gstate["la"] - eta_phi * (g["g_la"] + gstate["lam"] * self.constraint_grad(gstate["la"]))
         la = la.clamp(-self.la_max, self.la_max)
         lam, _ = self.dual_update(gstate["lam"], la)
@@ -282,7 +283,7 @@ class FLoPSPA(GatedMethod):
         g_gated = self.layout.split(torch.where(mask, self.layout.flatten(g_p), 0.0))
         g_p = {k: g_gated.get(k, g_p[k]) for k in g_p}  # inactive coordinates stay where they are
         eta_phi = self.cfg.eta_phi_local
-        params = {k: torch.add(local["params"][k], g_p[k], alpha=-self.lr) for k in g_p}
+        params = sgd_step(local["params"], g_p, self.lr)
         la = local["la"] - eta_phi * torch.where(mask, g_la, 0.0)
         return {"params": params, "la": la}, loss
 

@@ -17,7 +17,8 @@ from torch.func import functional_call
 from fedbench.engine.functional import grad, per_sample_loss, weighted_mean
 from fedbench.engine.protocol import ClientFns, RoundContext, RunContext
 from fedbench.errors import ConfigError
-from fedbench.methods.base import LocalSGDMethod, Tensors
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDMethod
 from fedbench.metrics.comm import Payload
 
 

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from fedbench.engine.protocol import RoundContext, RunContext
-from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
+from fedbench.methods.base import Tensors
 from fedbench.methods.flops import SparsityConfig, check_prune_start, select_gated
+from fedbench.methods.local_sgd import LocalSGDConfig, LocalSGDMethod
 from fedbench.metrics.comm import SPARSE, Payload
 from fedbench.metrics.sparsity import top_m_mask
 from fedbench.registry import register
@@ -53,11 +54,10 @@ class TopMMethod(LocalSGDMethod):
 class FedHT(TopMMethod):
     name = "fedht"
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
-                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        new, metrics = super().aggregate(gstate, up, ctx)
+    def post_aggregate(self, gstate: dict[str, Any], new: dict[str, Any], reduced: dict[str, Any],
+                       ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         new["params"] = self.threshold(new["params"])
-        return new, metrics
+        return new, {}
 
     def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         # after round 1 the global model is m-sparse: its gated tensors travel as sparse payloads
@@ -84,10 +84,9 @@ class FedIterHT(FedHT):
     def uplink(self, stacked_up: dict[str, Any]) -> Payload:
         return Payload(stacked_up, encodings={"gated": SPARSE}, stacked=True)
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
-                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    def uplink_share(self, up: dict[str, Any], ctx: RoundContext, rows: slice) -> dict[str, Any]:
         merged = {"params": {**up["params"], **up["gated"]}, "buffers": up["buffers"]}
-        return super().aggregate(gstate, merged, ctx)
+        return super().uplink_share(merged, ctx, rows)
 
 
 @register("method", "fedavg_prune")
@@ -96,9 +95,8 @@ class FedAvgPrune(TopMMethod):
 
     name = "fedavg_prune"
 
-    def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
-                  ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        new, metrics = super().aggregate(gstate, up, ctx)
+    def post_aggregate(self, gstate: dict[str, Any], new: dict[str, Any], reduced: dict[str, Any],
+                       ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         if ctx.round == self.total_rounds:
             new["params"] = self.threshold(new["params"])
-        return new, metrics
+        return new, {}

@@ -18,7 +18,8 @@ import torch
 from fedbench.config import spec
 from fedbench.engine.functional import mean_share
 from fedbench.engine.protocol import RoundContext
-from fedbench.methods.base import LocalSGDConfig, LocalSGDMethod, Tensors
+from fedbench.methods.base import Tensors
+from fedbench.methods.local_sgd import LocalSGDConfig, LocalSGDMethod
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
@@ -35,7 +36,6 @@ class ScaffoldConfig(LocalSGDConfig):
 class Scaffold(LocalSGDMethod):
     name = "scaffold"
     Config = ScaffoldConfig
-    aggregates_by_shares = True
 
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
         state = super().init_global(params, buffers)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbench.config import GroupConfig, spec
+from fedbench.config import GroupConfig, spec, typed_choice
 from fedbench.errors import ConfigError
 from fedbench.registry import lookup, register
 
@@ -81,7 +81,7 @@ def logreg(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
 def mlp(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
-    for h in cfg.get("hidden", [200, 200]):
+    for h in cfg.hidden:
         layers += [nn.Linear(width, int(h)), nn.ReLU()]
         width = int(h)
     return Split(nn.Sequential(*layers), nn.Linear(width, num_classes))
@@ -114,7 +114,7 @@ def pac_cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     c = input_shape[0]
     layers: list[nn.Module] = [nn.Conv2d(c, 16, 5), nn.LeakyReLU(), nn.MaxPool2d(2),
                                nn.Conv2d(16, 32, 5, padding=1), nn.LeakyReLU(), nn.MaxPool2d(2)]
-    third = cfg.get("third_conv")
+    third = cfg.third_conv
     if third if third is not None else c == 3:
         layers += [nn.Conv2d(32, 64, 3, padding=1), nn.LeakyReLU(), nn.MaxPool2d(2)]
     body = nn.Sequential(*layers, nn.Flatten())
@@ -173,7 +173,7 @@ class BasicBlock(nn.Module):
 @register("backbone", "resnet18", config=ResNetConfig)
 def resnet18(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """ResNet-18 with a 3x3 stride-1 stem (CIFAR-style); BatchNorm or GroupNorm."""
-    norm, groups = str(cfg.get("norm", "group")), int(cfg.get("groups", 2))
+    norm, groups = cfg.norm, cfg.groups
     layers: list[nn.Module] = [nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False), _norm(norm, 64, groups),
                                nn.ReLU()]
     cin = 64
@@ -187,4 +187,5 @@ def resnet18(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
 def build_model(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     import fedbench.models.pretrained  # noqa: F401  (registers the pretrained backbones)
 
-    return lookup("backbone", str(cfg.name))(cfg, input_shape, num_classes)
+    builder = lookup("backbone", str(cfg.name))
+    return builder(typed_choice("backbone", cfg), input_shape, num_classes)

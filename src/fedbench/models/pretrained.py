@@ -89,7 +89,7 @@ def load_efficientnet_lite0_imagenet() -> nn.Module:
 
 @register("backbone", "efficientnet_lite0", config=PretrainedConfig)
 def efficientnet_lite0(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
-    weights = str(cfg.get("weights", "imagenet") or "none")
+    weights = cfg.weights
     if weights == "imagenet":
         net = load_efficientnet_lite0_imagenet()
     else:
@@ -98,7 +98,7 @@ def efficientnet_lite0(cfg: Any, input_shape: tuple[int, ...], num_classes: int)
         net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         if weights != "none":
             net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    body = nn.Sequential(InputAdapter(cfg.get("resolution", 224)), PooledFeatures(net))
+    body = nn.Sequential(InputAdapter(cfg.resolution), PooledFeatures(net))
     return Split(body, nn.Linear(net.num_features, num_classes))
 
 
@@ -124,13 +124,13 @@ def load_state_dict_file(net: nn.Module, weights: str) -> None:
 def resnet18_imagenet(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     import torchvision
 
-    weights = str(cfg.get("weights", "imagenet") or "none")
+    weights = cfg.weights
     tv = torchvision_weights("resnet18_imagenet", weights, torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     net = torchvision.models.resnet18(weights=tv)
     load_state_dict_file(net, weights)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
-    body = nn.Sequential(InputAdapter(cfg.get("resolution", 224)), net)
+    body = nn.Sequential(InputAdapter(cfg.resolution), net)
     return Split(body, nn.Linear(feat_dim, num_classes))
 
 
@@ -140,10 +140,10 @@ def alexnet_imagenet(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -
     4096 -> classes layer. Dropout layers are kept (off in eval mode)."""
     import torchvision
 
-    weights = str(cfg.get("weights", "imagenet") or "none")
+    weights = cfg.weights
     tv = torchvision_weights("alexnet_imagenet", weights, torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
     net = torchvision.models.alexnet(weights=tv)
     load_state_dict_file(net, weights)
-    body = nn.Sequential(InputAdapter(cfg.get("resolution", 224)), net.features, net.avgpool, nn.Flatten(),
+    body = nn.Sequential(InputAdapter(cfg.resolution), net.features, net.avgpool, nn.Flatten(),
                          *list(net.classifier.children())[:-1])
     return Split(body, nn.Linear(net.classifier[-1].in_features, num_classes))

@@ -18,22 +18,24 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedbench.config import typed_choice
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
 from fedbench.data.datasets import load_dataset
 from fedbench.data.partitions import Partition, make_partition, partition_stats
 from fedbench.engine.distributed import SINGLE, ShardedExecutor, World
 from fedbench.engine.executors import Executor, pick_executor, resolve_memory_format
 from fedbench.engine.functional import make_loss_fn, split_state
+from fedbench.engine.optim import LrSchedule
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Method, RunSpec
-from fedbench.metrics.tracker import BestTracker
 from fedbench.models.backbones import build_model
-from fedbench.models.features import extract_features, extractor_config
+from fedbench.models.features import extract_features, extractor_config, features_config
 from fedbench.models.warmstart import apply_warm_start, pretrain
 from fedbench.run.artefacts import write_partition
 from fedbench.run.state import RunState, fingerprint
-from fedbench.run.validation import DTYPES, method_config, resolve_device
+from fedbench.run.validation import DTYPES, method_config, resolve_device, typed_group
+from fedbench.settings import HardwareConfig, WarmStartConfig
 from fedbench.tracking.files import write_json
 
 log = logging.getLogger("fedbench")
@@ -60,6 +62,8 @@ class Run:
     n_params: int
     executor: Executor | None = None
     sweep_group: str | None = None
+    world: World = SINGLE          # the ranks computing this run (rank 0 evaluates and writes)
+    lr_schedule: LrSchedule = LrSchedule()  # the client lr of each round
     created: float = dataclasses.field(default_factory=time.perf_counter)  # when the run began (start-up)
     startup_s: float = 0.0         # data, model, warm start, sinks: before the first round of this process
 
@@ -81,7 +85,11 @@ class Run:
                               self.method.local_epochs(int(cfg.local_epochs)),
                               cfg.local_steps, self.dtype, self.device, self.method.noise_dim)
         cohort = torch.as_tensor(cohort_np, device=self.device)
+        self.method.lr = self.lr_at(r)  # the round's client learning rate (lr_schedule)
         return RoundContext(r, cohort, self.sizes[cohort], self.view.num_clients, self.rounds), sched
+
+    def lr_at(self, r: int) -> float:
+        return self.lr_schedule(float(self.cfg.lr), r, self.rounds)
 
     def wandb_config(self) -> dict[str, Any]:
         out = flatten(OmegaConf.to_container(self.cfg, resolve=True))
@@ -114,8 +122,9 @@ def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch
         part_labels, n_classes = np.searchsorted(edges, labels).astype(np.int64), 10
     else:
         part_labels, n_classes = labels, dataset.num_classes
-    seed = int(cfg.seed) if cfg.partition.get("seed") is None else int(cfg.partition.seed)
-    part = make_partition(part_labels, int(cfg.clients), cfg.partition, seed, dataset.columns)
+    pcfg = typed_choice("partition", cfg.partition)
+    seed = int(cfg.seed) if pcfg.seed is None else pcfg.seed
+    part = make_partition(part_labels, int(cfg.clients), pcfg, seed, dataset.columns)
     stats = partition_stats(part, part_labels, n_classes)
     if write:
         write_partition(run_dir, part, part_labels, n_classes, stats, cfg)
@@ -146,7 +155,7 @@ def run_context(cfg: DictConfig, dataset: Any, part: Partition, device: torch.de
 
 def warm_start(cfg: DictConfig, model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """Load the body of a backbone pretrained centrally on `warm_start.source` (cached); its provenance."""
-    if cfg.get("warm_start") is None or not cfg.warm_start.get("source"):
+    if typed_group(cfg, "warm_start", WarmStartConfig).source is None:
         return {}
     state, provenance = pretrain(cfg.backbone, cfg.warm_start, input_shape)
     n_loaded = apply_warm_start(model, state)
@@ -178,12 +187,10 @@ def build_method(cfg: DictConfig, dataset: Any, ctx: RunContext,
 
 def initial_state(cfg: DictConfig, method: Method, ctx: RunContext, n_clients: int,
                   checkpoint: dict[str, Any] | None) -> RunState:
-    target = cfg.metrics.get("target")
     if checkpoint is not None:
-        return RunState.from_checkpoint(checkpoint, target)
+        return RunState.from_checkpoint(checkpoint)
     gstate = method.init_global(ctx.params, ctx.buffers)
-    return RunState(gstate=gstate, cstates=method.init_client_states(gstate, n_clients),
-                    best=BestTracker(target=target), best_personal=BestTracker(target=target))
+    return RunState(gstate=gstate, cstates=method.init_client_states(gstate, n_clients))
 
 
 def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = None,
@@ -195,7 +202,7 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None 
     # bf16 runs as autocast over float32 master weights
     dtype = torch.float64 if DTYPES[str(cfg.hardware.dtype)] == torch.float64 else torch.float32
     dataset, part, stats = load_data(cfg, run_dir, device, dtype, write=world.is_main)
-    feature_info = extract_features(cfg, dataset, int(cfg.seed))
+    feature_info = extract_features(cfg, dataset)
     view = ClientView.build(dataset.x_train, dataset.y_train, part.train)
     ctx = run_context(cfg, dataset, part, device)
     method, model, provenance, ctx = build_method(cfg, dataset, ctx, dtype)
@@ -205,7 +212,8 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None 
     run = Run(cfg, run_dir, device, dtype, fingerprint(cfg), dataset, part, stats, view,
               torch.as_tensor(view.sizes(), dtype=dtype, device=device), model, method,
               initial_state(cfg, method, ctx, view.num_clients, checkpoint), provenance,
-              sum(p.numel() for p in ctx.params.values()), sweep_group=sweep_group)
+              sum(p.numel() for p in ctx.params.values()), sweep_group=sweep_group, world=world,
+              lr_schedule=typed_group(cfg, "lr_schedule", LrSchedule))
     # per-client evaluation: a classifier backbone and clients with their own val/test splits
     run.has_local_splits = (dataset.task == "classification" and model is not None
                             and (any(len(t) for t in part.test) or any(len(v) for v in part.val)))
@@ -219,16 +227,15 @@ def choose_executor(run: Run) -> Executor:
     """The configured executor; `auto` may time one throw-away round of each (hardware.auto_policy=timed)."""
     from fedbench.run.loop import run_round
 
-    hw, state = run.cfg.hardware, run.state
+    hw, state = typed_group(run.cfg, "hardware", HardwareConfig), run.state
 
     def trial(executor: Executor) -> None:
         ctx, sched = run.prepare_round(state.round + 1)
         run_round(run.method, executor, state.gstate, state.cstates, ctx, run.view, sched)
 
-    layout = resolve_memory_format(str(hw.get("memory_format", "auto")), run.model, run.device, run.dtype)
-    executor, why = pick_executor(str(hw.executor), run.method, run.model, run.device, hw.chunk_size,
-                                  bool(hw.get("compile", False)), str(hw.get("auto_policy", "heuristic")), trial,
-                                  layout)
+    layout = resolve_memory_format(hw.memory_format, run.model, run.device, run.dtype)
+    executor, why = pick_executor(hw.executor, run.method, run.model, run.device, hw.chunk_size, hw.compile,
+                                  hw.auto_policy, trial, layout)
     conv_layout = ", conv weights channels_last" if layout is not None and executor.name == "sequential" else ""
     log.info("executor: %s (%s)%s", executor.name, why, conv_layout)
     return executor
@@ -245,7 +252,7 @@ def dry_build(cfg: DictConfig) -> None:
     dataset, part, _ = load_data(cfg, Path("."), device, dtype, write=False)
     probe = dataset.x_train[:2]
     if str(OmegaConf.select(cfg, "features.extractor", default="none")) != "none":
-        extractor = build_model(extractor_config(cfg.features), dataset.input_shape, dataset.num_classes)
+        extractor = build_model(extractor_config(features_config(cfg)), dataset.input_shape, dataset.num_classes)
         probe = _probe(extractor.body.to(dtype), probe, f"features.extractor={cfg.features.extractor}", dataset.name)
     ctx = dataclasses.replace(run_context(cfg, dataset, part, device), in_features=math.prod(probe.shape[1:]))
     method_cls, method_cfg = method_config(cfg)

@@ -14,6 +14,7 @@ from fedbench.data.clients import BatchSchedule, ClientView
 from fedbench.engine.functional import tree_index
 from fedbench.engine.protocol import RoundContext
 from fedbench.errors import ConfigError, DivergedError, Preempted
+from fedbench.metrics import names
 from fedbench.metrics.comm import payload_bytes
 
 if TYPE_CHECKING:
@@ -68,12 +69,17 @@ def server_step(method: Method, gstate: dict[str, Any], res: RoundResult,
 
 
 def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
-    """Rounds state.round + 1 .. R; returns the summary. A callback returning True stops the loop."""
+    """Rounds state.round + 1 .. R; returns the summary. A callback asking to stop ends the run after the
+    round (on every rank alike); `on_end` learns why the run ended."""
+    from fedbench.run.callbacks import RunEnd
     from fedbench.run.summary import summarise
 
-    state, status, reason = run.state, "completed", None
+    state, end = run.state, RunEnd()
     for cb in callbacks:
+        if cb.name in state.callbacks:
+            cb.load_state_dict(state.callbacks[cb.name])
         cb.on_start(run, state)
+        state.callbacks[cb.name] = cb.state_dict()
     run.startup_s = time.perf_counter() - run.created
     try:
         for r in range(state.round + 1, run.rounds + 1):
@@ -84,34 +90,54 @@ def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
             seconds = time.perf_counter() - t0
             state = state.advance(r, ctx.cohort, out.gstate, out.client_states, out.bytes_up, out.bytes_down,
                                   out.samples, seconds)
-            row = round_row(run, state, out, seconds)
-            if any([cb.after_round(run, state, row) for cb in callbacks]):
+            stopper = after_round(run, state, callbacks, round_row(run, state, out, seconds))
+            if run.world.any(stopper is not None):  # rank 0 alone may evaluate: every rank stops with it
+                end = RunEnd("completed", *(stopper or ("another rank", None)))
                 break
     except BaseException as e:
-        status, reason = status_of(e), one_line(e)
+        end = RunEnd(status_of(e), reason=one_line(e))
         raise
     finally:
-        summary = summarise(run, state, status, reason)
+        summary = summarise(run, state, end, callbacks)
         for cb in callbacks:
-            cb.on_end(run, state, summary)
+            cb.on_end(run, state, summary, end)
     return summary
+
+
+def after_round(run: Run, state: RunState, callbacks: Sequence[Callback],
+                row: dict[str, Any]) -> tuple[str, str] | None:
+    """Each callback sees the row with the metrics of those before it; their states are kept for the
+    checkpoint as they change (the checkpoint callback comes last). A callback's `stop` is True or its
+    reason; returns (callback name, reason) of the first one that asks to stop."""
+    stopper = None
+    state.last.update({k: v for k, v in row.items() if k != names.ROUND})
+    for cb in callbacks:
+        stop, metrics = cb.after_round(run, state, row)
+        row.update(metrics)
+        state.last.update(metrics)
+        state.callbacks[cb.name] = cb.state_dict()
+        if stop and stopper is None:
+            stopper = (cb.name, stop if isinstance(stop, str) else f"{cb.name} asked to stop")
+    return stopper
 
 
 def round_row(run: Run, state: RunState, out: RoundOutput, seconds: float) -> dict[str, Any]:
     """The round's metrics before evaluation: participants, bytes, loss, the method's own, time."""
     t = state.totals
     row: dict[str, Any] = {
-        "round": state.round, "clients/participants": len(out.loss),
-        "comm/bytes_up": out.bytes_up, "comm/bytes_down": out.bytes_down,
-        "comm/bytes_up_total": t["bytes_up"], "comm/bytes_down_total": t["bytes_down"],
-        "comm/bytes_total": t["bytes_up"] + t["bytes_down"],
+        names.ROUND: state.round, names.PARTICIPANTS: len(out.loss),
+        names.BYTES_UP: out.bytes_up, names.BYTES_DOWN: out.bytes_down,
+        names.BYTES_UP_TOTAL: t["bytes_up"], names.BYTES_DOWN_TOTAL: t["bytes_down"],
+        names.BYTES_TOTAL: t["bytes_up"] + t["bytes_down"],
     }
     if run.method.reports_train_loss:
-        row["train/loss"] = float(out.loss.mean())  # the round's one host sync for the loss
+        row[names.TRAIN_LOSS] = float(out.loss.mean())  # the round's one host sync for the loss
+    if run.lr_schedule.name != "constant":
+        row[names.TRAIN_LR] = run.lr_at(state.round)
     row.update({k: float(v) if isinstance(v, torch.Tensor) else v for k, v in out.metrics.items()})
-    row["time/round_s"] = seconds
-    row["time/total_s"] = t["time_s"]
-    row["throughput/samples_per_s"] = out.samples / seconds if seconds > 0 else None
+    row[names.ROUND_S] = seconds
+    row[names.TOTAL_S] = t["time_s"]
+    row[names.SAMPLES_PER_S] = out.samples / seconds if seconds > 0 else None
     return row
 
 

@@ -1,14 +1,19 @@
-"""Metric sinks as callbacks: metrics.jsonl + summary.json, W&B, a progress bar on a terminal and a plain
-log line per round otherwise (SLURM logs, nohup, pipes)."""
+"""The built-in sinks: metrics.jsonl + summary.json (every run), W&B (`logger=wandb`), a progress bar on
+a terminal and a plain log line per round otherwise (SLURM logs, nohup, pipes)."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedbench.run.callbacks import Callback
+from fedbench.config import GroupConfig
+from fedbench.metrics import names
+from fedbench.run.callbacks import Callback, RunEnd, callback
+from fedbench.settings import WandbConfig
 from fedbench.tracking.files import MetricsFile, write_json
 from fedbench.tracking.wandb_logger import WandbLogger
 
@@ -19,9 +24,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedbench")
 
 
+@callback("files")
 class FilesCallback(Callback):
     """metrics.jsonl (one row per round; on resume the rows past the checkpoint are dropped) and
     summary.json at the end."""
+
+    stage = "sink"
 
     def on_start(self, run: Run, state: RunState) -> None:
         self.file = MetricsFile(run.run_dir / "metrics.jsonl")
@@ -30,24 +38,38 @@ class FilesCallback(Callback):
         elif self.file.path.exists():
             self.file.path.unlink()
 
-    def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
-        self.file.append(row)
-        return False
+    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+        self.file.append(dict(row))
+        return False, {}
 
-    def on_end(self, run: Run, state: RunState, summary: dict[str, Any]) -> None:
+    def on_end(self, run: Run, state: RunState, summary: dict[str, Any], end: RunEnd) -> None:
         write_json(run.run_dir / "summary.json", summary)
 
 
+@callback("wandb", WandbConfig)
 class WandbCallback(Callback):
-    """One W&B run per fedbench run (resumed under the same id); offline by default."""
+    """One W&B run per fedbench run (resumed under the same id, kept in the checkpoint); offline by
+    default. Settings: `logger.wandb.*`."""
+
+    stage = "sink"
+
+    def __init__(self, config: WandbConfig | None = None):
+        super().__init__(config)
+        self.run_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id")
 
     def on_start(self, run: Run, state: RunState) -> None:
-        cfg, wb = run.cfg, run.cfg.logger.wandb
+        cfg, wb = run.cfg, self.cfg
         default_tags = [str(cfg.method.name), str(cfg.partition.name), str(cfg.dataset.name)]
-        self.wandb = WandbLogger(str(wb.mode), run.run_dir, str(wb.project), run.wandb_config(), entity=wb.entity,
+        self.wandb = WandbLogger(wb.mode, run.run_dir, wb.project, run.wandb_config(), entity=wb.entity,
                                  group=wb.group or run.sweep_group, tags=list(wb.tags) or default_tags,
-                                 job_type=wb.job_type or str(cfg.method.name), run_id=state.wandb_id)
-        state.wandb_id = self.wandb.run_id
+                                 job_type=wb.job_type or str(cfg.method.name), run_id=self.run_id)
+        self.run_id = self.wandb.run_id
         if state.round > 0:  # resumed: the W&B run may miss rows a killed process never flushed
             rows = MetricsFile(run.run_dir / "metrics.jsonl").read()
             logged = self.wandb.backfill([r for r in rows if r.get("round", 0) <= state.round])
@@ -55,30 +77,40 @@ class WandbCallback(Callback):
                 log.info("W&B: re-logged %d round(s) from metrics.jsonl up to the checkpoint's round %d",
                          logged, state.round)
 
-    def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
-        self.wandb.log(row, step=state.round)
-        return False
+    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+        self.wandb.log(dict(row), step=state.round)
+        return False, {}
 
-    def on_end(self, run: Run, state: RunState, summary: dict[str, Any]) -> None:
+    def on_end(self, run: Run, state: RunState, summary: dict[str, Any], end: RunEnd) -> None:
         self.wandb.summary(summary)
         self.wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
 
 
-def _headline(row: dict[str, Any]) -> dict[str, str]:
+def _headline(row: Mapping[str, Any]) -> dict[str, str]:
     """The numbers a person watches: validation metric and best so far, or personal accuracy."""
-    for key in ("global/val_acc", "global/val_r2"):
+    for task in ("classification", "regression"):
+        key, best = names.global_val(task), names.best_val(task)
         if key in row:
-            return {key.split("/")[1]: f"{row[key]:.4f}", "best": f"{row['best/val_acc']:.4f}@{row['best/round']}"}
-    if "personal/test_acc" in row:
-        return {"personal_test_acc": f"{row['personal/test_acc']:.4f}"}
+            return {key.split("/")[1]: f"{row[key]:.4f}", "best": f"{row[best]:.4f}@{row[names.BEST_ROUND]}"}
+    if names.PERSONAL_TEST_ACC in row:
+        return {"personal_test_acc": f"{row[names.PERSONAL_TEST_ACC]:.4f}"}
     return {}
 
 
+@dataclass(frozen=True)
+class ProgressConfig(GroupConfig):
+    enabled: bool = True   # set from the run's `progress`
+
+
+@callback("progress", ProgressConfig)
 class ProgressCallback(Callback):
     """A tqdm bar over rounds on a terminal; without one, a plain log line per evaluated round."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    stage = "sink"
+
+    def __init__(self, config: ProgressConfig | None = None):
+        super().__init__(config)
+        self.enabled = self.cfg.enabled
 
     def on_start(self, run: Run, state: RunState) -> None:
         from tqdm import tqdm
@@ -90,7 +122,7 @@ class ProgressCallback(Callback):
         if state.round > 0:
             log.info("resumed from round %d of %d (%s)", state.round, run.rounds, run.ckpt_path)
 
-    def after_round(self, run: Run, state: RunState, row: dict[str, Any]) -> bool:
+    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
         head = _headline(row)
         self.bar.update(1)
         if head:
@@ -99,7 +131,7 @@ class ProgressCallback(Callback):
             eta = state.totals["time_s"] / max(state.round, 1) * (run.rounds - state.round)
             log.info("round %d/%d %s elapsed %.1fs eta %.0fs", state.round, run.rounds,
                      " ".join(f"{k} {v}" for k, v in head.items()), state.totals["time_s"], eta)
-        return False
+        return False, {}
 
-    def on_end(self, run: Run, state: RunState, summary: dict[str, Any]) -> None:
+    def on_end(self, run: Run, state: RunState, summary: dict[str, Any], end: RunEnd) -> None:
         self.bar.close()

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedbench.engine.functional import tree_assign
 from fedbench.errors import ConfigError
-from fedbench.metrics.tracker import BestTracker
+from fedbench.registry import table
 from fedbench.tracking.files import write_json
 
 log = logging.getLogger("fedbench")
@@ -33,10 +33,8 @@ class RunState:
     cstates: dict[str, Any] = field(default_factory=dict)  # per-client state, every leaf stacked [N, ...]
     totals: dict[str, Any] = field(default_factory=lambda: {"bytes_up": 0, "bytes_down": 0, "samples": 0,
                                                             "time_s": 0.0})
-    best: BestTracker = field(default_factory=BestTracker)           # on global validation
-    best_personal: BestTracker = field(default_factory=BestTracker)  # on personal/* (clients' own splits)
-    last_eval: dict[str, Any] = field(default_factory=dict)          # the last evaluated round's row
-    wandb_id: str | None = None
+    last: dict[str, Any] = field(default_factory=dict)       # every metric's last value (the summary's)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)  # each callback's state_dict
 
     def advance(self, round_: int, cohort: torch.Tensor, gstate: dict[str, Any], client_states: dict[str, Any],
                 bytes_up: int, bytes_down: int, samples: int, seconds: float) -> RunState:
@@ -52,20 +50,21 @@ class RunState:
         return self
 
     def to_checkpoint(self, fp: str, finished: bool) -> dict[str, Any]:
-        return {"round": self.round, "gstate": self.gstate, "cstates": self.cstates,
-                "tracker": self.best.state_dict(), "ptracker": self.best_personal.state_dict(),
-                "totals": self.totals, "fingerprint": fp, "wandb_id": self.wandb_id, "finished": finished,
-                "last_eval": self.last_eval}
+        return {"round": self.round, "gstate": self.gstate, "cstates": self.cstates, "totals": self.totals,
+                "fingerprint": fp, "finished": finished, "last": self.last, "callbacks": self.callbacks}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any], target: float | None) -> RunState:
-        state = cls(round=int(ckpt["round"]), gstate=ckpt["gstate"], cstates=ckpt["cstates"],
-                    totals=dict(ckpt["totals"]), last_eval=dict(ckpt.get("last_eval", {})),
-                    wandb_id=ckpt.get("wandb_id"))
-        state.best, state.best_personal = BestTracker(target=target), BestTracker(target=target)
-        state.best.load_state_dict(ckpt["tracker"])
-        state.best_personal.load_state_dict(ckpt.get("ptracker", {}))
-        return state
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> RunState:
+        callbacks = dict(ckpt.get("callbacks") or _callbacks_of_v1(ckpt))
+        return cls(round=int(ckpt["round"]), gstate=ckpt["gstate"], cstates=ckpt["cstates"],
+                   totals=dict(ckpt["totals"]), last=dict(ckpt.get("last", ckpt.get("last_eval", {}))),
+                   callbacks=callbacks)
+
+
+def _callbacks_of_v1(ckpt: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Callback states of a checkpoint written before callbacks kept their own (trackers, W&B id)."""
+    return {"evaluation": {"best": ckpt.get("tracker", {}), "best_personal": ckpt.get("ptracker", {})},
+            "wandb": {"run_id": ckpt.get("wandb_id")}}
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
@@ -73,6 +72,10 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     for k in _NON_SEMANTIC:
         data.pop(k, None)
+    extra = data.pop("callbacks", None) or {}
+    sinks = {n for n, cls in table("callback").items() if cls.stage == "sink"}
+    if any(k not in sinks for k in extra):  # a callback that may end a run early changes its result
+        data["callbacks"] = {k: v for k, v in extra.items() if k not in sinks}
     data.get("hardware", {}).pop("threads", None)
     return data
 

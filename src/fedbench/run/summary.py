@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedbench.metrics import names
+
 if TYPE_CHECKING:
     from fedbench.run.build import Run
+    from fedbench.run.callbacks import Callback, RunEnd
     from fedbench.run.state import RunState
 
 
@@ -17,40 +21,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def summarise(run: Run, state: RunState, status: str, reason: str | None = None) -> dict[str, Any]:
-    t, best, last = state.totals, state.best, state.last_eval
-    summary: dict[str, Any] = {
-        "status": status,
-        **({"reason": reason} if reason else {}),
-        "best/val_acc": best.best_val, "best/round": best.best_round,
-        "best/test_acc": best.test_at_best, "rounds_to_target": best.rounds_to_target,
-        "metrics.target": best.target,
-        "final/val_acc": last.get("global/val_acc"), "final/test_acc": last.get("global/test_acc"),
-        "final/test_loss": last.get("global/test_loss"),
-        "comm/bytes_up_total": t["bytes_up"], "comm/bytes_down_total": t["bytes_down"],
-        "comm/bytes_total": t["bytes_up"] + t["bytes_down"],
-        "comm/bytes_per_round": (t["bytes_up"] + t["bytes_down"]) / max(t.get("rounds_done", 0), 1),
-        "time/total_s": t["time_s"],          # the rounds' own time, all processes of a resumed run
-        "time/startup_s": run.startup_s,      # this process: data, model, warm start, sinks
-        "time/wall_s": time.perf_counter() - run.created,  # this process, start to end
-        "throughput/samples_per_s": t["samples"] / t["time_s"] if t["time_s"] else None,
-        "memory/peak_rss_mb": peak_rss_mb(),
-        "memory/peak_device_mb": (torch.cuda.max_memory_allocated(run.device) / 2**20
-                                  if run.device.type == "cuda" else None),
+def summarise(run: Run, state: RunState, end: RunEnd, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """summary.json: how the run ended, every metric's last value (the method's own too), what each
+    callback adds (best/* from evaluation), the final global metrics, totals, time and memory."""
+    t, last = state.totals, state.last
+    summary: dict[str, Any] = {"status": end.status}
+    if end.stopped_by:
+        summary["stopped_by"] = end.stopped_by
+    if end.reason:
+        summary["reason"] = end.reason
+    summary.update(last)
+    for cb in callbacks:
+        summary.update(cb.summary(run, state))
+    task = run.dataset.task
+    finals = ("acc", "loss") if task == "classification" else ("r2", "mse")
+    summary.update({names.final(split, k): last.get(names.global_metric(split, k))
+                    for split in ("val", "test") for k in finals})
+    summary.update({
+        names.BYTES_UP_TOTAL: t["bytes_up"], names.BYTES_DOWN_TOTAL: t["bytes_down"],
+        names.BYTES_TOTAL: t["bytes_up"] + t["bytes_down"],
+        names.BYTES_PER_ROUND: (t["bytes_up"] + t["bytes_down"]) / max(t.get("rounds_done", 0), 1),
+        names.TOTAL_S: t["time_s"],           # the rounds' own time, all processes of a resumed run
+        names.STARTUP_S: run.startup_s,       # this process: data, model, warm start, sinks
+        names.WALL_S: time.perf_counter() - run.created,  # this process, start to end
+        names.SAMPLES_PER_S: t["samples"] / t["time_s"] if t["time_s"] else None,
+        names.PEAK_RSS_MB: peak_rss_mb(),
+        names.PEAK_DEVICE_MB: (torch.cuda.max_memory_allocated(run.device) / 2**20
+                               if run.device.type == "cuda" else None),
         "rounds": run.rounds,
+        "rounds_done": state.round,
         "n_params": sum(v.numel() for v in run.method.model_tensors(state.gstate).values()),
         "executor": run.executor.name, "device": str(run.device),
         "run_dir": str(run.run_dir),
-    }
-    summary.update({k: v for k, v in last.items() if k.startswith(("sparsity/", "personal/"))})
-    if state.best_personal.best_round is not None:
-        summary.update({"best/personal_val_acc": state.best_personal.best_val,
-                        "best/personal_round": state.best_personal.best_round,
-                        "best/personal_test_acc": state.best_personal.test_at_best})
+    })
+    for k in (names.ROUND_S, names.BYTES_UP, names.BYTES_DOWN):  # per-round figures: the totals say more
+        summary.pop(k, None)
     summary.update(run.provenance)
-    if run.dataset.task == "regression":
-        summary.update({"best/val_r2": summary.pop("best/val_acc"), "best/test_r2": summary.pop("best/test_acc"),
-                        "final/test_mse": last.get("global/test_mse"), "final/test_r2": last.get("global/test_r2")})
     return summary
 
 
@@ -61,28 +67,31 @@ def format_summary(s: dict[str, Any]) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     lines = [f"fedbench summary ({s.get('status', 'completed')})"]
-    if s.get("best/val_r2") is not None:  # regression
-        lines += [f"  best val R^2      {num('best/val_r2')} (rounds-to-best: {s.get('best/round')})",
-                  f"  test R^2 at best  {num('best/test_r2')}",
-                  f"  final test MSE    {num('final/test_mse', '.4g')} (R^2 {num('final/test_r2')})"]
-    elif s.get("best/round") is not None:  # a classifier with a global model
-        lines += [f"  best val acc      {num('best/val_acc')} (rounds-to-best: {s.get('best/round')})",
-                  f"  test acc at best  {num('best/test_acc')}",
-                  f"  final test acc    {num('final/test_acc')}"]
-    if s.get("best/round") is not None and s.get("metrics.target") is not None:
-        reached = s.get("rounds_to_target")
+    if s.get(names.best_val("regression")) is not None:
+        lines += [f"  best val R^2      {num(names.best_val('regression'))} "
+                  f"(rounds-to-best: {s.get(names.BEST_ROUND)})",
+                  f"  test R^2 at best  {num(names.best_test('regression'))}",
+                  f"  final test MSE    {num(names.final('test', 'mse'), '.4g')} "
+                  f"(R^2 {num(names.final('test', 'r2'))})"]
+    elif s.get(names.BEST_ROUND) is not None:  # a classifier with a global model
+        lines += [f"  best val acc      {num(names.best_val('classification'))} "
+                  f"(rounds-to-best: {s.get(names.BEST_ROUND)})",
+                  f"  test acc at best  {num(names.best_test('classification'))}",
+                  f"  final test acc    {num(names.final('test', 'acc'))}"]
+    if s.get(names.BEST_ROUND) is not None and s.get(names.TARGET) is not None:
+        reached = s.get(names.ROUNDS_TO_TARGET)
         lines.append(f"  rounds-to-target  {reached if reached is not None else 'not reached'} "
-                     f"(target {s.get('metrics.target')})")
-    if s.get("sparsity/density") is not None:
-        nnz, n = s.get("sparsity/nnz"), s.get("sparsity/n_gated")
-        lines.append(f"  density           {num('sparsity/density', '.5f')} ({nnz:,} of {n:,} gated entries)")
-    if s.get("sparsity/tdr") is not None:
-        lines.append(f"  TDR               {num('sparsity/tdr')} (recall {num('sparsity/recall')}, "
+                     f"(target {s.get(names.TARGET)})")
+    if s.get(names.DENSITY) is not None:
+        nnz, n = s.get(names.NNZ), s.get(names.N_GATED)
+        lines.append(f"  density           {num(names.DENSITY, '.5f')} ({nnz:,} of {n:,} gated entries)")
+    if s.get(names.TDR) is not None:
+        lines.append(f"  TDR               {num(names.TDR)} (recall {num('sparsity/recall')}, "
                      f"F1 {num('sparsity/f1')})")
-    if s.get("personal/test_acc") is not None:  # clients' own models on their own test splits
-        lines += [f"  personal test acc {num('personal/test_acc')} ± {num('personal/test_acc_std')} over clients "
-                  f"(final)",
-                  f"  at best personal  {num('best/personal_test_acc')} (round {s.get('best/personal_round')}, "
+    if s.get(names.PERSONAL_TEST_ACC) is not None:  # clients' own models on their own test splits
+        lines += [f"  personal test acc {num(names.PERSONAL_TEST_ACC)} ± {num(names.personal('test', 'std'))} "
+                  f"over clients (final)",
+                  f"  at best personal  {num(names.BEST_PERSONAL_TEST_ACC)} (round {s.get(names.BEST_PERSONAL_ROUND)}, "
                   f"chosen on the clients' validation splits)"]
     if s.get("reason"):
         lines.append(f"  reason            {s['reason']}")

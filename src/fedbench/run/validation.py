@@ -16,8 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedbench.config import GroupConfig, MethodConfig, build_config
+from fedbench.engine.optim import LrSchedule
 from fedbench.errors import ConfigError
 from fedbench.registry import config_class, lookup
+from fedbench.run.callbacks import check_callbacks
 from fedbench.settings import (
     FeaturesConfig,
     HardwareConfig,
@@ -65,12 +67,14 @@ def check_groups(cfg: DictConfig) -> MethodConfig:
             build_config(config_cls, values_of(cfg[kind], kind), prefix=kind, owner=f"{kind}={name}")
     _, method_cfg = method_config(cfg)
     typed_group(cfg, "hardware", HardwareConfig)
-    extra = sorted(set(cfg.logger) - {"wandb"})
+    extra = sorted(set(cfg.logger) - {"sinks", "wandb"})
     if extra:
-        raise ConfigError(f"logger.{extra[0]}: unknown key; allowed: wandb")
-    typed_group(cfg, "logger.wandb", WandbConfig)
+        raise ConfigError(f"logger.{extra[0]}: unknown key; allowed: sinks, wandb")
+    if "wandb" in cfg.logger:
+        typed_group(cfg, "logger.wandb", WandbConfig)
+    check_callbacks(cfg)
     for key, config_cls in (("warm_start", WarmStartConfig), ("features", FeaturesConfig),
-                            ("metrics", MetricsConfig)):
+                            ("metrics", MetricsConfig), ("lr_schedule", LrSchedule)):
         if key in cfg:
             typed_group(cfg, key, config_cls)
     return method_cfg

@@ -21,7 +21,7 @@ log = logging.getLogger("fedbench")
 
 
 def _threads(cfg: DictConfig, size: int) -> None:
-    if not cfg.hardware.get("threads") and size > 1:
+    if not cfg.hardware.threads and size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
 
 

@@ -1,0 +1,88 @@
+"""Every metric name fedbench writes, in one place. Rows (metrics.jsonl, W&B history), summary.json and
+the report use these; a classifier's score is `acc`, a regressor's `r2` (never written under `_acc`).
+"""
+
+from __future__ import annotations
+
+ROUND = "round"
+
+# the round's bookkeeping (run/loop.py)
+PARTICIPANTS = "clients/participants"
+BYTES_UP = "comm/bytes_up"
+BYTES_DOWN = "comm/bytes_down"
+BYTES_UP_TOTAL = "comm/bytes_up_total"
+BYTES_DOWN_TOTAL = "comm/bytes_down_total"
+BYTES_TOTAL = "comm/bytes_total"
+BYTES_PER_ROUND = "comm/bytes_per_round"
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"            # the round's client learning rate (with an lr_schedule)
+ROUND_S = "time/round_s"
+TOTAL_S = "time/total_s"
+STARTUP_S = "time/startup_s"
+WALL_S = "time/wall_s"
+SAMPLES_PER_S = "throughput/samples_per_s"
+PEAK_RSS_MB = "memory/peak_rss_mb"
+PEAK_DEVICE_MB = "memory/peak_device_mb"
+
+# personal/*: each client's own model on its own splits (weighted by split size, spread over clients)
+PERSONAL_VAL_ACC = "personal/val_acc"
+PERSONAL_TEST_ACC = "personal/test_acc"
+BEST_PERSONAL_VAL_ACC = "best/personal_val_acc"
+BEST_PERSONAL_TEST_ACC = "best/personal_test_acc"
+BEST_PERSONAL_ROUND = "best/personal_round"
+
+# the best global model, chosen on validation (run/evaluation.py)
+BEST_ROUND = "best/round"
+ROUNDS_TO_TARGET = "rounds_to_target"
+TARGET = "metrics.target"
+
+# sparsity/* of the final gated model
+DENSITY = "sparsity/density"
+EXPECTED_DENSITY = "sparsity/expected_density"
+N_GATED = "sparsity/n_gated"
+NNZ = "sparsity/nnz"
+TDR = "sparsity/tdr"
+
+
+def score(task: str) -> str:
+    """The name of the task's headline score: `acc` for classification, `r2` for regression."""
+    return "r2" if task == "regression" else "acc"
+
+
+def global_metric(split: str, name: str) -> str:
+    """The global model's metric on a global split, e.g. global/val_acc, global/test_mse."""
+    return f"global/{split}_{name}"
+
+
+def global_val(task: str) -> str:
+    return global_metric("val", score(task))
+
+
+def best_val(task: str) -> str:
+    """The best validation score so far (best/val_acc, best/val_r2)."""
+    return f"best/val_{score(task)}"
+
+
+def best_test(task: str) -> str:
+    """The test score at the round of the best validation score."""
+    return f"best/test_{score(task)}"
+
+
+def final(split: str, name: str) -> str:
+    """The global model's metric at the last evaluated round (summary only), e.g. final/test_acc."""
+    return f"final/{split}_{name}"
+
+
+def personal(split: str, stat: str = "") -> str:
+    """personal/val_acc, personal/test_acc_std, personal/test_acc_min ..."""
+    return f"personal/{split}_acc{'_' + stat if stat else ''}"
+
+
+def selection_metric(task: str, has_global_model: bool) -> str:
+    """The metric a run is judged on while it runs (early stopping, the progress line): the global
+    model's validation score, or the clients' own models' where a method has no global model."""
+    return global_val(task) if has_global_model else PERSONAL_VAL_ACC
+
+
+# the best-validation keys of both tasks and of personal models (sweep objectives, console headline)
+BEST_VALIDATION_KEYS = (best_val("classification"), best_val("regression"), BEST_PERSONAL_VAL_ACC)
