@@ -1,5 +1,6 @@
-"""Callbacks v2: chosen from config, returning (stop, metrics), told why the run ended, their state in the
-checkpoint; the shipped early stopping, CSV and TensorBoard sinks; a class outside fedbench by _target_."""
+"""Callbacks v2: chosen from config, returning (stop, metrics), told why the run ended, their state
+in the checkpoint; the shipped early stopping, CSV and TensorBoard sinks; a class outside fedbench
+by _target_."""
 
 import csv
 import json
@@ -15,7 +16,9 @@ EARLY = ["rounds=30", "+callbacks=early_stop", "callbacks.early_stop.patience=2"
 
 
 def strip_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows
+    ]
 
 
 def test_early_stop_ends_the_run_and_the_same_command_trains_no_extra_round(tmp_path, tiny):
@@ -39,8 +42,9 @@ def test_early_stop_ends_the_run_and_the_same_command_trains_no_extra_round(tmp_
 
 
 def test_early_stop_state_survives_a_preemption(tmp_path, tiny):
-    """Preempted mid-way, then resumed: the counter of evaluations without improvement continues from
-    the checkpoint, so the run stops at the same round with the same rows as an uninterrupted one."""
+    """Preempted mid-way, then resumed: the counter of evaluations without improvement continues
+    from the checkpoint, so the run stops at the same round with the same rows as an uninterrupted
+    one."""
     cfg = compose_cfg(tiny + EARLY + ["checkpoint_every=1"])
     whole = run_experiment(cfg, tmp_path / "whole")
     stop_at = whole["rounds_done"] - 1  # one round before the stop: the counter is 1 there
@@ -48,13 +52,18 @@ def test_early_stop_state_survives_a_preemption(tmp_path, tiny):
         run_experiment(cfg, tmp_path / "part", stop_after=stop_at)
     resumed = run_experiment(cfg, tmp_path / "part")
     assert resumed["rounds_done"] == whole["rounds_done"] and resumed["reason"] == whole["reason"]
-    assert strip_time(read_jsonl(tmp_path / "part" / "metrics.jsonl")) == \
-        strip_time(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
+    assert strip_time(read_jsonl(tmp_path / "part" / "metrics.jsonl")) == strip_time(
+        read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    )
 
 
 def test_csv_sink_from_the_logger_group_has_the_rows_of_metrics_jsonl(tmp_path, tiny):
-    args = [a for a in tiny if not a.startswith("logger=")] + ["logger=csv", "rounds=3", "eval_every=2",
-                                                                f"hydra.run.dir={tmp_path / 'r'}"]
+    args = [a for a in tiny if not a.startswith("logger=")] + [
+        "logger=csv",
+        "rounds=3",
+        "eval_every=2",
+        f"hydra.run.dir={tmp_path / 'r'}",
+    ]
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "r"
@@ -64,7 +73,7 @@ def test_csv_sink_from_the_logger_group_has_the_rows_of_metrics_jsonl(tmp_path, 
     assert len(table) == len(rows) == 3
     for got, want in zip(table, rows, strict=True):
         for k, v in want.items():
-            assert (got[k] == "" if v is None else float(got[k]) == pytest.approx(v, rel=1e-12)), k
+            assert got[k] == "" if v is None else float(got[k]) == pytest.approx(v, rel=1e-12), k
     assert table[0]["global/val_acc"] == ""  # round 1 not evaluated (eval_every=2): an empty cell
     assert not (run / "wandb").exists()
 
@@ -82,23 +91,35 @@ def test_tensorboard_sink_scalars_are_the_rows_of_metrics_jsonl(tmp_path, tiny):
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in rows], rel=1e-6)
 
 
-def test_a_callback_outside_fedbench_by_target_adds_metrics_that_reach_the_summary(tmp_path, tiny,
-                                                                                  monkeypatch):
+def test_a_callback_outside_fedbench_by_target_adds_metrics_that_reach_the_summary(
+    tmp_path, tiny, monkeypatch
+):
     monkeypatch.syspath_prepend(str(PLUGINS))
-    cfg = compose_cfg(tiny + ["rounds=3", "+callbacks.mine._target_=fedbench_test_callbacks.RoundSquare",
-                              "+callbacks.mine.offset=10"])
+    cfg = compose_cfg(
+        tiny
+        + [
+            "rounds=3",
+            "+callbacks.mine._target_=fedbench_test_callbacks.RoundSquare",
+            "+callbacks.mine.offset=10",
+        ]
+    )
     summary = run_experiment(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["mine/round_sq"] for r in rows] == [11, 14, 19]
     assert summary["mine/round_sq"] == 19  # every metric's last value is in the summary
     assert summary["mine/ended"] is None  # on_end ran after the summary was made
-    assert json.loads((tmp_path / "ended.json").read_text()) == {"status": "completed", "stopped_by": None}
+    assert json.loads((tmp_path / "ended.json").read_text()) == {
+        "status": "completed",
+        "stopped_by": None,
+    }
     sys.modules.pop("fedbench_test_callbacks", None)
 
 
 def test_regression_never_writes_an_acc_name(tmp_path, tiny):
-    cfg = compose_cfg([a for a in tiny if not a.startswith("backbone=")] +
-                      ["dataset=synthetic_linear", "dataset.n=400", "dataset.d=20", "rounds=2"])
+    cfg = compose_cfg(
+        [a for a in tiny if not a.startswith("backbone=")]
+        + ["dataset=synthetic_linear", "dataset.n=400", "dataset.d=20", "rounds=2"]
+    )
     summary = run_experiment(cfg, tmp_path)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     names = set(summary) | {k for r in rows for k in r}
@@ -110,7 +131,9 @@ def test_the_summary_carries_the_methods_own_metrics_and_the_report_shows_them(t
     from fedbench.report import collect, metric_columns
 
     run = tmp_path / "0"
-    summary = run_experiment(compose_cfg(tiny + ["method=flops", "rounds=2", "method.prune_start=1"]), run)
+    summary = run_experiment(
+        compose_cfg(tiny + ["method=flops", "rounds=2", "method.prune_start=1"]), run
+    )
     rows = read_jsonl(run / "metrics.jsonl")
     assert summary["flops/lambda"] == rows[-1]["flops/lambda"] > 0
     df = collect(tmp_path)
@@ -122,8 +145,16 @@ def test_every_default_callback_has_a_registered_name_and_the_list_is_sorted_by_
 
     cfg = compose_cfg(["logger=wandb", "+callbacks=[tensorboard,early_stop]"])
     names = [cb.name for cb in build_callbacks(cfg)]
-    assert names == ["evaluation", "early_stop", "progress", "files", "wandb", "tensorboard", "divergence",
-                     "checkpoint"]
+    assert names == [
+        "evaluation",
+        "early_stop",
+        "progress",
+        "files",
+        "wandb",
+        "tensorboard",
+        "divergence",
+        "checkpoint",
+    ]
     stages = [cb.stage for cb in build_callbacks(cfg)]
     assert stages == sorted(stages, key=STAGES.index) and set(BUILT_IN) <= set(names)
 
@@ -135,4 +166,3 @@ def test_sinks_do_not_change_the_fingerprint_but_early_stopping_does(tiny):
     assert fingerprint(compose_cfg(tiny + ["logger=csv"])) == base
     assert fingerprint(compose_cfg(tiny + ["+callbacks=tensorboard"])) == base
     assert fingerprint(compose_cfg(tiny + ["+callbacks=early_stop"])) != base
-

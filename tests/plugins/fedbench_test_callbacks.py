@@ -15,7 +15,9 @@ class RoundSquare(Callback):
         self.offset = offset
 
     def after_round(self, run, state, row):
-        return False, {"mine/round_sq": state.round ** 2 + self.offset, "mine/ended": None}
+        return False, {"mine/round_sq": state.round**2 + self.offset, "mine/ended": None}
 
     def on_end(self, run, state, summary, end):
-        (run.run_dir / "ended.json").write_text(json.dumps({"status": end.status, "stopped_by": end.stopped_by}))
+        (run.run_dir / "ended.json").write_text(
+            json.dumps({"status": end.status, "stopped_by": end.stopped_by})
+        )

@@ -2,8 +2,8 @@
 
     fedbench logger=csv                      # or: logger.sinks=[wandb,csv]
 
-A metric that first appears in a later round (evaluation every k rounds) widens the header: the file is
-rewritten once with the new column. On resume the rows past the checkpoint are dropped, as in
+A metric that first appears in a later round (evaluation every k rounds) widens the header: the file
+is rewritten once with the new column. On resume the rows past the checkpoint are dropped, as in
 metrics.jsonl.
 """
 
@@ -35,7 +35,9 @@ class CsvSink(Callback):
             with self.path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 self.columns = list(reader.fieldnames or [])
-                self.rows = [r for r in reader if r.get(names.ROUND) and int(r[names.ROUND]) <= state.round]
+                self.rows = [
+                    r for r in reader if r.get(names.ROUND) and int(r[names.ROUND]) <= state.round
+                ]
         self.rewrite()
 
     def rewrite(self) -> None:
@@ -46,7 +48,9 @@ class CsvSink(Callback):
             writer.writerows(self.rows)
         os.replace(tmp, self.path)
 
-    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    def after_round(
+        self, run: Run, state: RunState, row: Mapping[str, Any]
+    ) -> tuple[bool, dict[str, Any]]:
         values = {k: "" if v is None else v for k, v in row.items()}
         self.rows.append(values)
         new = [k for k in values if k not in self.columns]

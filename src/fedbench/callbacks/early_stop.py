@@ -2,8 +2,8 @@
 
     fedbench +callbacks=early_stop callbacks.early_stop.patience=3
 
-The run ends as completed, with `stopped_by: early_stop` and the reason in summary.json; its checkpoint
-is marked finished, so the same command again trains no further round.
+The run ends as completed, with `stopped_by: early_stop` and the reason in summary.json; its
+checkpoint is marked finished, so the same command again trains no further round.
 """
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EarlyStopConfig(GroupConfig):
-    metric: str | None = None    # null: the run's validation score (global/val_acc or _r2; personal/val_acc)
-    mode: str = spec("max", choices=("max", "min"))   # min for losses
-    patience: int = spec(5, ge=1)                     # evaluations without improvement before stopping
-    min_delta: float = spec(0.0, ge=0)                # an improvement must exceed this
+    metric: str | None = (
+        None  # null: the run's validation score (global/val_acc or _r2; personal/val_acc)
+    )
+    mode: str = spec("max", choices=("max", "min"))  # min for losses
+    patience: int = spec(5, ge=1)  # evaluations without improvement before stopping
+    min_delta: float = spec(0.0, ge=0)  # an improvement must exceed this
 
 
 @callback("early_stop", EarlyStopConfig)
 class EarlyStop(Callback):
-    """Counts evaluations since the metric last improved by more than min_delta; stops at patience."""
+    """Counts evaluations since the metric last improved by more than min_delta; stops at
+    patience."""
 
     stage = "measure"
 
@@ -46,10 +49,16 @@ class EarlyStop(Callback):
         return {"best": self.best, "best_round": self.best_round, "waited": self.waited}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_round, self.waited = state["best"], state["best_round"], state["waited"]
+        self.best, self.best_round, self.waited = (
+            state["best"],
+            state["best_round"],
+            state["waited"],
+        )
 
     def on_start(self, run: Run, state: RunState) -> None:
-        self.metric = self.cfg.metric or names.selection_metric(run.dataset.task, run.method.has_global_model)
+        self.metric = self.cfg.metric or names.selection_metric(
+            run.dataset.task, run.method.has_global_model
+        )
 
     def improved(self, value: float) -> bool:
         if self.best is None:
@@ -57,7 +66,9 @@ class EarlyStop(Callback):
         gain = value - self.best if self.cfg.mode == "max" else self.best - value
         return gain > self.cfg.min_delta
 
-    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool | str, dict[str, Any]]:
+    def after_round(
+        self, run: Run, state: RunState, row: Mapping[str, Any]
+    ) -> tuple[bool | str, dict[str, Any]]:
         value = row.get(self.metric)
         if value is None or not math.isfinite(value):  # not an evaluated round
             return False, {}
@@ -68,5 +79,7 @@ class EarlyStop(Callback):
         metrics = {"early_stop/waited": self.waited}
         if self.waited < self.cfg.patience or state.round >= run.rounds:
             return False, metrics
-        return (f"early_stop: {self.metric} did not improve by more than {self.cfg.min_delta:g} for "
-                f"{self.waited} evaluations (best {self.best:.4f} at round {self.best_round})"), metrics
+        return (
+            f"early_stop: {self.metric} did not improve by more than {self.cfg.min_delta:g} for "
+            f"{self.waited} evaluations (best {self.best:.4f} at round {self.best_round})"
+        ), metrics

@@ -3,8 +3,8 @@
     fedbench logger=tensorboard              # or: logger.sinks=[wandb,tensorboard]
     tensorboard --logdir outputs/            # then compare runs side by side
 
-Needs the `tensorboard` package (`pip install -e '.[tensorboard]'`). A resumed run purges the steps past
-its checkpoint, so the curves have every round once.
+Needs the `tensorboard` package (`pip install -e '.[tensorboard]'`). A resumed run purges the steps
+past its checkpoint, so the curves have every round once.
 """
 
 from __future__ import annotations
@@ -29,14 +29,24 @@ class TensorBoardSink(Callback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("logger.sinks: tensorboard needs the tensorboard package: "
-                              "pip install -e '.[tensorboard]'") from None
-        self.writer = SummaryWriter(log_dir=str(run.run_dir / "tensorboard"),
-                                    purge_step=state.round + 1 if state.round > 0 else None)
+            raise ConfigError(
+                "logger.sinks: tensorboard needs the tensorboard package: "
+                "pip install -e '.[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(
+            log_dir=str(run.run_dir / "tensorboard"),
+            purge_step=state.round + 1 if state.round > 0 else None,
+        )
 
-    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    def after_round(
+        self, run: Run, state: RunState, row: Mapping[str, Any]
+    ) -> tuple[bool, dict[str, Any]]:
         for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            ):
                 self.writer.add_scalar(key, value, global_step=state.round)
         self.writer.flush()
         return False, {}

@@ -1,5 +1,6 @@
-"""Every metric name fedbench writes, in one place. Rows (metrics.jsonl, W&B history), summary.json and
-the report use these; a classifier's score is `acc`, a regressor's `r2` (never written under `_acc`).
+"""Every metric name fedbench writes, in one place. Rows (metrics.jsonl, W&B history), summary.json
+and the report use these; a classifier's score is `acc`, a regressor's `r2` (never written under
+`_acc`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ BYTES_DOWN_TOTAL = "comm/bytes_down_total"
 BYTES_TOTAL = "comm/bytes_total"
 BYTES_PER_ROUND = "comm/bytes_per_round"
 TRAIN_LOSS = "train/loss"
-TRAIN_LR = "train/lr"            # the round's client learning rate (with an lr_schedule)
+TRAIN_LR = "train/lr"  # the round's client learning rate (with an lr_schedule)
 ROUND_S = "time/round_s"
 TOTAL_S = "time/total_s"
 STARTUP_S = "time/startup_s"
@@ -24,7 +25,8 @@ SAMPLES_PER_S = "throughput/samples_per_s"
 PEAK_RSS_MB = "memory/peak_rss_mb"
 PEAK_DEVICE_MB = "memory/peak_device_mb"
 
-# personal/*: each client's own model on its own splits (weighted by split size, spread over clients)
+# personal/*: each client's own model on its own splits (weighted by split size, spread over
+# clients)
 PERSONAL_VAL_ACC = "personal/val_acc"
 PERSONAL_TEST_ACC = "personal/test_acc"
 BEST_PERSONAL_VAL_ACC = "best/personal_val_acc"

@@ -45,11 +45,11 @@ BUILT_IN = ("evaluation", "progress", "files", "divergence", "checkpoint")
 
 @dataclasses.dataclass(frozen=True)
 class RunEnd:
-    """Why a run ended: its status, and the callback that stopped it before its last round (if one did)."""
+    """Why a run ended: its status, and the callback that ended it early (if one did)."""
 
-    status: str = "completed"       # completed | diverged | preempted | failed | interrupted
-    stopped_by: str | None = None   # e.g. early_stop
-    reason: str | None = None       # one line
+    status: str = "completed"  # completed | diverged | preempted | failed | interrupted
+    stopped_by: str | None = None  # e.g. early_stop
+    reason: str | None = None  # one line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,8 @@ class NoConfig(GroupConfig):
 
 
 class Callback:
-    name: str = ""                     # set by @callback(NAME); the config key for a _target_ class
-    stage: ClassVar[str] = "measure"   # evaluate | measure | sink | guard
+    name: str = ""  # set by @callback(NAME); the config key for a _target_ class
+    stage: ClassVar[str] = "measure"  # evaluate | measure | sink | guard
     Config: ClassVar[type[GroupConfig]] = NoConfig
 
     def __init__(self, config: GroupConfig | None = None):
@@ -68,8 +68,9 @@ class Callback:
     def on_start(self, run: Run, state: RunState) -> None:
         return None
 
-    def after_round(self, run: Run, state: RunState,
-                    row: Mapping[str, Any]) -> tuple[bool | str, dict[str, Any]]:
+    def after_round(
+        self, run: Run, state: RunState, row: Mapping[str, Any]
+    ) -> tuple[bool | str, dict[str, Any]]:
         return False, {}
 
     def summary(self, run: Run, state: RunState) -> dict[str, Any]:
@@ -87,6 +88,7 @@ class Callback:
 
 def callback(name: str, config: type[GroupConfig] | None = None) -> Any:
     """Class decorator: register a Callback subclass as `name` (its config class is `Config`)."""
+
     def deco(cls: type[Callback]) -> type[Callback]:
         cls.name = name
         if config is not None:
@@ -108,20 +110,30 @@ class DivergenceCallback(Callback):
 
     stage = "guard"
 
-    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    def after_round(
+        self, run: Run, state: RunState, row: Mapping[str, Any]
+    ) -> tuple[bool, dict[str, Any]]:
         loss = row.get(names.TRAIN_LOSS, 0.0)
         if not math.isfinite(loss):
-            raise DivergedError(f"round {state.round}: training loss is {loss}; {divergence_hint(run)}. "
-                                f"Metrics up to round {state.round} are in {run.run_dir / 'metrics.jsonl'}")
+            raise DivergedError(
+                f"round {state.round}: training loss is {loss}; {divergence_hint(run)}. "
+                f"Metrics up to round {state.round} are in {run.run_dir / 'metrics.jsonl'}"
+            )
         return False, {}
 
 
 def divergence_hint(run: Run) -> str:
-    """The likely cause of a non-finite loss: the step sizes in play (lowest-hanging first), the dtype."""
+    """The likely cause of a non-finite loss: the step sizes in play (lowest first), the dtype."""
     method_cfg = run.method.cfg
-    steps = [f"lr={run.cfg.lr:g}"] + [f"method.{k}={getattr(method_cfg, k):g}" for k in run.method.step_size_keys
-                                      if isinstance(getattr(method_cfg, k, None), (int, float))]
-    hint = f"the steps are too large for this model and data: lower lr first (step sizes: {', '.join(steps)})"
+    steps = [f"lr={run.cfg.lr:g}"] + [
+        f"method.{k}={getattr(method_cfg, k):g}"
+        for k in run.method.step_size_keys
+        if isinstance(getattr(method_cfg, k, None), (int, float))
+    ]
+    hint = (
+        "the steps are too large for this model and data: lower lr first "
+        f"(step sizes: {', '.join(steps)})"
+    )
     if str(run.cfg.hardware.dtype) == "bfloat16":
         hint += "; or use hardware.dtype=float32 (bfloat16 has 8 bits of mantissa)"
     if float(run.cfg.lr) < 1e-3:
@@ -131,19 +143,23 @@ def divergence_hint(run: Run) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(GroupConfig):
-    every: int = spec(5, ge=1)   # set from the run's `checkpoint_every`
+    every: int = spec(5, ge=1)  # set from the run's `checkpoint_every`
 
 
 @callback("checkpoint", CheckpointConfig)
 class CheckpointCallback(Callback):
-    """checkpoint.pt every `checkpoint_every` rounds and at the end (also an early end a callback asked
-    for: the same command then finds a finished run); on a stop request (SIGTERM) or `stop_after` it
-    writes one and raises Preempted, so the same command resumes exactly."""
+    """checkpoint.pt every `checkpoint_every` rounds and at the end (also an early end a callback
+    asked for: the same command then finds a finished run); on a stop request (SIGTERM) or
+    `stop_after` it writes one and raises Preempted, so the same command resumes exactly."""
 
     stage = "guard"
 
-    def __init__(self, config: CheckpointConfig | None = None, stop_after: int | None = None,
-                 world: World = SINGLE):
+    def __init__(
+        self,
+        config: CheckpointConfig | None = None,
+        stop_after: int | None = None,
+        world: World = SINGLE,
+    ):
         super().__init__(config)
         self.every, self.stop_after, self.world = self.cfg.every, stop_after, world
 
@@ -151,9 +167,13 @@ class CheckpointCallback(Callback):
         if self.world.is_main:  # one writer; every rank decides the same way
             save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=finished))
 
-    def after_round(self, run: Run, state: RunState, row: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    def after_round(
+        self, run: Run, state: RunState, row: Mapping[str, Any]
+    ) -> tuple[bool, dict[str, Any]]:
         r, last = state.round, run.rounds
-        stop = self.world.any(StopFlag.requested)  # a signal seen by any rank stops all at this round
+        stop = self.world.any(
+            StopFlag.requested
+        )  # a signal seen by any rank stops all at this round
         if r == last:
             self.save(run, state, finished=True)
         elif stop or (self.stop_after is not None and r >= self.stop_after):
@@ -173,13 +193,15 @@ def _select(cfg: DictConfig, key: str) -> dict[str, Any]:
     if node is None:
         return {}
     if not OmegaConf.is_dict(node):
-        raise ConfigError(f"{key}={node}: must be a group of keys, e.g. {key}.patience=5 (or +callbacks=NAME)")
+        raise ConfigError(
+            f"{key}={node}: must be a group of keys, e.g. {key}.patience=5 (or +callbacks=NAME)"
+        )
     return OmegaConf.to_container(node, resolve=True)
 
 
 def _external(key: str, values: dict[str, Any]) -> Callback:
-    """A callback class outside fedbench, named by `_target_` (module.Class), built with the other keys;
-    its state in the checkpoint is kept under its config name."""
+    """A callback class outside fedbench, named by `_target_` (module.Class), built with the other
+    keys; its state in the checkpoint is kept under its config name."""
     target = str(values.pop("_target_"))
     module_name, _, cls_name = target.rpartition(".")
     try:
@@ -187,7 +209,9 @@ def _external(key: str, values: dict[str, Any]) -> Callback:
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"{key}._target_={target}: cannot be imported ({e})") from None
     if not (isinstance(cls, type) and issubclass(cls, Callback)):
-        raise ConfigError(f"{key}._target_={target}: must be a subclass of fedbench.run.callbacks.Callback")
+        raise ConfigError(
+            f"{key}._target_={target}: must be a subclass of fedbench.run.callbacks.Callback"
+        )
     try:
         instance = cls(**values)
     except TypeError as e:
@@ -203,7 +227,9 @@ def requested(cfg: DictConfig) -> list[tuple[str, str]]:
     if sinks is None:
         sinks = []
     if isinstance(sinks, str) or not OmegaConf.is_list(sinks) and not isinstance(sinks, list):
-        raise ConfigError(f"logger.sinks={sinks}: must be a list of sink names, e.g. logger.sinks=[wandb,csv]")
+        raise ConfigError(
+            f"logger.sinks={sinks}: must be a list of sink names, e.g. logger.sinks=[wandb,csv]"
+        )
     out = [(str(s), f"logger.{s}") for s in sinks]
     extra = _select(cfg, "callbacks") if "callbacks" in cfg else {}
     out += [(str(k), f"callbacks.{k}") for k in extra]
@@ -216,8 +242,10 @@ def check_callbacks(cfg: DictConfig) -> None:
     seen = set()
     for name, key in requested(cfg):
         if name in seen or name in BUILT_IN:
-            raise ConfigError(f"{key}: {name} is {'built in' if name in BUILT_IN else 'listed twice'}; "
-                              f"list each callback once (built in: {', '.join(BUILT_IN)})")
+            raise ConfigError(
+                f"{key}: {name} is {'built in' if name in BUILT_IN else 'listed twice'}; "
+                f"list each callback once (built in: {', '.join(BUILT_IN)})"
+            )
         seen.add(name)
         values = _select(cfg, key)
         if "_target_" in values:
@@ -225,21 +253,30 @@ def check_callbacks(cfg: DictConfig) -> None:
             continue
         if name not in known:
             extra = sorted(set(known) - set(BUILT_IN))
-            raise ConfigError(f"{key.split('.')[0]}: {name!r} is not a callback; allowed: {', '.join(extra)} "
-                              f"(or {key}._target_=module.Class)")
+            raise ConfigError(
+                f"{key.split('.')[0]}: {name!r} is not a callback; allowed: {', '.join(extra)} "
+                f"(or {key}._target_=module.Class)"
+            )
         if key.startswith("logger.") and known[name].stage != "sink":
             raise ConfigError(f"logger.sinks: {name} is not a sink (add it with +callbacks={name})")
         build_config(config_class("callback", name), values, prefix=key, owner=name)
 
 
-def build_callbacks(cfg: DictConfig, stop_after: int | None = None, world: World = SINGLE) -> list[Callback]:
-    """The run's callbacks: the built-in ones, the logger's sinks and `callbacks`, sorted by stage."""
+def build_callbacks(
+    cfg: DictConfig, stop_after: int | None = None, world: World = SINGLE
+) -> list[Callback]:
+    """The run's callbacks: the built-in ones, the logger's sinks and `callbacks`, sorted by
+    stage."""
     check_callbacks(cfg)
     known = table("callback")
     progress = known["progress"]
-    out: list[Callback] = [known["evaluation"](), progress(progress.Config(enabled=bool(cfg.progress))),
-                           known["files"](), DivergenceCallback(),
-                           CheckpointCallback(CheckpointConfig(int(cfg.checkpoint_every)), stop_after, world)]
+    out: list[Callback] = [
+        known["evaluation"](),
+        progress(progress.Config(enabled=bool(cfg.progress))),
+        known["files"](),
+        DivergenceCallback(),
+        CheckpointCallback(CheckpointConfig(int(cfg.checkpoint_every)), stop_after, world),
+    ]
     for name, key in requested(cfg):
         values = _select(cfg, key)
         if "_target_" in values:
@@ -251,6 +288,9 @@ def build_callbacks(cfg: DictConfig, stop_after: int | None = None, world: World
 
 
 def follower_callbacks(cfg: DictConfig, stop_after: int | None, world: World) -> list[Callback]:
-    """A rank > 0 evaluates and writes nothing: the guards only (every rank decides a stop the same way)."""
-    return [DivergenceCallback(), CheckpointCallback(CheckpointConfig(int(cfg.checkpoint_every)), stop_after,
-                                                     world)]
+    """A rank > 0 evaluates and writes nothing: the guards only (every rank decides a stop the same
+    way)."""
+    return [
+        DivergenceCallback(),
+        CheckpointCallback(CheckpointConfig(int(cfg.checkpoint_every)), stop_after, world),
+    ]
