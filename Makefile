@@ -22,9 +22,12 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 run: $(STAMP)
 	$(VENV)/bin/fedbench $(ARGS)
 
+# everything but the real-SLURM tests on two pytest workers (pytest-xdist), then those alone: they wait
+# on the 2-CPU one-node cluster and read its queue
 test: $(STAMP_TEST)
 	$(PY) -m ruff check src tests scripts
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
 
 lint: $(STAMP_TEST)
 	$(PY) -m ruff check src tests scripts

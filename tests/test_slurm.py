@@ -36,7 +36,8 @@ def ensure_slurm() -> str | None:
 
 
 _reason = ensure_slurm()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+# `make test` runs these after the rest, alone: they wait on a 2-CPU cluster and read `squeue`
+pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slurm]
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=20"]
