@@ -12,16 +12,16 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fedbench.engine.distributed import World, broadcast
+from fedbench.engine.distributed import SINGLE, World, broadcast
 from fedbench.errors import ConfigError, DivergedError, Preempted, RunDirTaken
-from fedbench.run.build import build_run
+from fedbench.run.build import build_run, run_device
 from fedbench.run.callbacks import Callback, StopFlag, build_callbacks, follower_callbacks
 from fedbench.run.evaluation import evaluate_personal
 from fedbench.run.lock import run_dir_lock
 from fedbench.run.loop import run_rounds
 from fedbench.run.state import find_resumable, fingerprint, load_checkpoint, previous_path
 from fedbench.run.summary import format_summary
-from fedbench.run.validation import resolve_device, validate
+from fedbench.run.validation import validate
 from fedbench.run.workers import finish_workers, start_workers
 
 __all__ = ["ConfigError", "DivergedError", "Preempted", "StopFlag", "evaluate_personal", "format_summary",
@@ -30,7 +30,8 @@ __all__ = ["ConfigError", "DivergedError", "Preempted", "StopFlag", "evaluate_pe
 log = logging.getLogger("fedbench")
 
 
-def resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any] | None, dict[str, Any] | None]:
+def resolve_resume(cfg: DictConfig, run_dir: Path,
+                   world: World = SINGLE) -> tuple[Path, dict[str, Any] | None, dict[str, Any] | None]:
     """(run dir, checkpoint to continue from or None, summary of an already finished run or None)."""
     fp = fingerprint(cfg)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -42,7 +43,7 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict[str, Any]
             run_dir, ckpt_path = found, found / "checkpoint.pt"
     if cfg.resume not in (True, "auto") or not (ckpt_path.exists() or previous_path(ckpt_path).exists()):
         return run_dir, None, None
-    checkpoint = load_checkpoint(ckpt_path, resolve_device(str(cfg.hardware.device)))
+    checkpoint = load_checkpoint(ckpt_path, run_device(cfg, world))
     if checkpoint["fingerprint"] != fp:
         raise RunDirTaken(f"resume: {ckpt_path} was written by a different config; use another run dir "
                           f"(resume=false starts over in this one)")
@@ -72,7 +73,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path, sweep_group: str | None
         key = "hydra.sweep.dir" if sweep_group is not None else "hydra.run.dir"
         with run_dir_lock(run_dir, key):
             try:
-                target, checkpoint, finished = resolve_resume(cfg, run_dir)
+                target, checkpoint, finished = resolve_resume(cfg, run_dir, world)
             except BaseException:
                 broadcast(None, world)  # the other ranks stop too
                 raise
@@ -98,7 +99,7 @@ def follow(cfg: DictConfig, world: World, stop_after: int | None) -> dict[str, A
     ckpt = target / "checkpoint.pt"
     checkpoint = None
     if cfg.resume in (True, "auto") and (ckpt.exists() or previous_path(ckpt).exists()):
-        checkpoint = load_checkpoint(ckpt, resolve_device(str(cfg.hardware.device)))
+        checkpoint = load_checkpoint(ckpt, run_device(cfg, world))
     run = build_run(cfg, target, checkpoint, None, world)
     run_rounds(run, follower_callbacks(cfg, stop_after, world))
     return {}

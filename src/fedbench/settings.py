@@ -14,6 +14,7 @@ from fedbench.errors import ConfigError
 DTYPES = ("float32", "float64", "bfloat16")
 EXECUTORS = ("sequential", "batched", "auto")
 WANDB_MODES = ("offline", "online", "disabled")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class HardwareConfig(GroupConfig):
     compile: bool = False
     memory_format: str = spec("auto", choices=("auto", "channels_last", "contiguous"))
     auto_policy: str = spec("heuristic", choices=("heuristic", "timed"))
+    max_padding: float | None = spec(1.2, ge=1)
+    compile_mode: str = spec("default", choices=COMPILE_MODES)
+    tf32: bool | None = None
+    cudnn_benchmark: bool | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

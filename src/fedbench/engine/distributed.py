@@ -11,9 +11,12 @@ several tasks per job (`hydra/launcher=slurm hydra.launcher.tasks_per_node=N`).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,11 +30,61 @@ from fedbench.engine.protocol import ClientFns
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where one rank computes and communicates."""
+
+    device: torch.device        # the rank's compute device (cuda:LOCAL_RANK on a GPU node)
+    backend: str                # nccl | gloo
+    comm_device: torch.device   # where every tensor handed to a collective must live
+
+
+def local_rank(rank: int, env: Mapping[str, str] = os.environ) -> int:
+    """This process's index on its node: torchrun's LOCAL_RANK, SLURM's SLURM_LOCALID, else the global
+    rank (ranks spawned by hardware.workers all live on this node)."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if key in env:
+            return int(env[key])
+    return rank
+
+
+def ranks_per_node(size: int, env: Mapping[str, str] = os.environ) -> int:
+    """Processes of the run on this node: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node, else all."""
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    if "SLURM_NTASKS_PER_NODE" in env:
+        return int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+    return size
+
+
+def place(rank: int, size: int, requested: torch.device, gpu_count: int,
+          env: Mapping[str, str] = os.environ) -> Placement:
+    """The device and backend of rank `rank` of `size`, for a run asked to compute on `requested`.
+
+    CPU: gloo, collectives on the CPU. CUDA: rank r computes on cuda:(LOCAL_RANK % gpus), or on the
+    GPU named by hardware.device=cuda:N; with one GPU per rank the backend is NCCL and collectives take
+    tensors on that GPU. More ranks on a node than GPUs (several small-model ranks filling one device):
+    NCCL refuses two ranks on one GPU, so they talk over gloo through the CPU."""
+    if requested.type != "cuda":
+        return Placement(requested, "gloo", torch.device("cpu"))
+    here = local_rank(rank, env)
+    index = requested.index if requested.index is not None else here % max(gpu_count, 1)
+    device = torch.device("cuda", index)
+    shared = requested.index is not None or ranks_per_node(size, env) > gpu_count
+    if shared and size > 1:
+        return Placement(device, "gloo", torch.device("cpu"))
+    return Placement(device, "nccl", device)
+
+
+@dataclass(frozen=True)
 class World:
-    """This process's place in the run: rank r of `size` processes (size 1: no torch.distributed)."""
+    """This process's place in the run: rank r of `size` processes (size 1: no torch.distributed).
+    Every collective of a run goes through its methods: they hand torch.distributed tensors on the
+    backend's communication device and give results back on the device the caller's tensors were on."""
 
     rank: int = 0
     size: int = 1
+    device: torch.device | None = None          # None: hardware.device as configured (one process)
+    comm_device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -41,12 +94,46 @@ class World:
         """True on every rank when it is True on any (e.g. a stop request seen by one process)."""
         if self.size == 1:
             return flag
-        t = torch.tensor([1 if flag else 0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = self.all_reduce(torch.tensor([1 if flag else 0]), dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def all_reduce(self, t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+        """The element-wise reduction of `t` over the ranks (a new tensor on t's device)."""
+        wire = t.to(self.comm_device)
+        wire = wire.clone() if wire is t else wire  # the caller's tensor stays as it was
+        _record("all_reduce", wire, self)
+        dist.all_reduce(wire, op=op)
+        return wire.to(t.device)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `t` (same shape on every rank), in rank order, on t's device."""
+        wire = t.to(self.comm_device).contiguous()
+        parts = [torch.empty_like(wire) for _ in range(self.size)]
+        _record("all_gather", wire, self)
+        dist.all_gather(parts, wire)
+        return [p.to(t.device) for p in parts]
+
+    def broadcast_object(self, value: Any) -> Any:
+        box = [value]
+        _record("broadcast_object", None, self)
+        dist.broadcast_object_list(box, src=0, device=self.comm_device)
+        return box[0]
 
 
 SINGLE = World()
+
+
+def _record(op: str, wire: torch.Tensor | None, world: World) -> None:
+    """With FEDBENCH_COLLECTIVE_LOG=DIR every collective is appended to DIR/rank<r>.jsonl (op, device of
+    the tensor handed over, the backend's device): how the tests check what reaches the backend."""
+    where = os.environ.get("FEDBENCH_COLLECTIVE_LOG")
+    if not where:
+        return
+    row = {"op": op, "backend": dist.get_backend(), "comm_device": str(world.comm_device),
+           "device": None if wire is None else str(wire.device),
+           "dtype": None if wire is None else str(wire.dtype)}
+    with open(Path(where) / f"rank{world.rank}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def free_port() -> int:
@@ -67,10 +154,14 @@ def world_from_env() -> tuple[int, int, str] | None:
 
 
 def join(rank: int, size: int, init_method: str, device: torch.device) -> World:
+    """Join the run's process group; a CUDA rank first binds its own GPU (NCCL needs it)."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    placement = place(rank, size, device, gpus)
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(placement.device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
-                                world_size=size)
-    return World(rank, size)
+        dist.init_process_group(placement.backend, init_method=init_method, rank=rank, world_size=size)
+    return World(rank, size, placement.device, placement.comm_device)
 
 
 def leave(world: World) -> None:
@@ -82,9 +173,7 @@ def broadcast(value: Any, world: World) -> Any:
     """Rank 0's value on every rank (e.g. the run dir under torchrun, where each rank's Hydra made its own)."""
     if world.size == 1:
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return world.broadcast_object(value)
 
 
 def shard_rows(n: int, world: World) -> slice:
@@ -105,8 +194,7 @@ def all_gather_rows(tree: Tree, counts: list[int], world: World) -> Tree:
     out = []
     for leaf in leaves:
         pad = leaf.new_zeros((most - leaf.shape[0], *leaf.shape[1:]))
-        parts = [torch.empty((most, *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device) for _ in counts]
-        dist.all_gather(parts, torch.cat([leaf, pad]).contiguous())
+        parts = world.all_gather(torch.cat([leaf, pad]))
         out.append(torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]))
     return tree_unflatten(out, spec)
 
@@ -117,8 +205,7 @@ def all_sum(tree: Tree, world: World) -> Tree:
     out: list[torch.Tensor | None] = [None] * len(leaves)
     for dtype in {t.dtype for t in leaves}:
         idx = [i for i, t in enumerate(leaves) if t.dtype == dtype]
-        flat = torch.cat([leaves[i].reshape(-1) for i in idx])
-        dist.all_reduce(flat)
+        flat = world.all_reduce(torch.cat([leaves[i].reshape(-1) for i in idx]))
         for i, part in zip(idx, flat.split([leaves[i].numel() for i in idx]), strict=True):
             out[i] = part.view(leaves[i].shape)
     return tree_unflatten(out, spec)
@@ -139,9 +226,7 @@ class Shard:
         return all_sum(tree, self.world)
 
     def sum_int(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t)
-        return int(t.item())
+        return int(self.world.all_reduce(torch.tensor([value], dtype=torch.int64)).item())
 
 
 class ShardedExecutor:
@@ -169,4 +254,8 @@ class ShardedExecutor:
         shard = Shard(rows, counts, self.world)
         full = shard.gather({"cs": kept["cs"], "loss": kept["loss"]})
         samples = int(sched.weight.sum().item())
-        return RoundResult(kept["up"], full["cs"], full["loss"], samples, shard)
+        # the whole cohort's padding, from every rank's rows of the schedule (no communication)
+        steps = [self.inner.client_steps(slice_schedule(sched, shard_rows(n, World(r, self.world.size))))
+                 for r in range(self.world.size) if counts[r]]
+        padding = sum(c for c, _ in steps) / max(sum(r for _, r in steps), 1)
+        return RoundResult(kept["up"], full["cs"], full["loss"], samples, shard, padding)

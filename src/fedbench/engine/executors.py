@@ -1,7 +1,9 @@
 """Executors run the clients of one round with the SAME per-client functions (`ClientFns`).
 
 `sequential` loops over clients and steps (the test oracle); `batched` maps the per-client functions
-over the cohort with torch.func.vmap, in chunks of `chunk_size` clients.
+over the cohort with torch.func.vmap, in groups of clients with similar numbers of local steps
+(`length_buckets`: every group runs to its own longest client, not the cohort's), at most `chunk_size`
+clients per group.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.func import vmap
 from torch.utils._pytree import tree_map
@@ -29,6 +32,7 @@ class RoundResult:
     loss: torch.Tensor      # [K] mean local training loss
     samples: int            # training samples processed (for throughput)
     shard: Any = None       # a Shard when this process ran only its rows of the cohort (uplink = those rows)
+    padding_factor: float = 1.0  # client-steps computed / client-steps with data (masked steps are waste)
 
 
 def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int,
@@ -50,15 +54,16 @@ class CompiledSteps:
     """torch.compile'd step functions, one graph per step function (bound methods compare equal across
     rounds); recompiles only when shapes change. Off: the function itself."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, mode: str | None = None):
+        self.enabled, self.mode = enabled, mode
         self._compiled: dict[Any, Any] = {}
 
     def get(self, key: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not self.enabled:
             return fn
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(fn, dynamic=False)
+            # mode: None (default), reduce-overhead (CUDA graphs), max-autotune
+            self._compiled[key] = torch.compile(fn, dynamic=False, mode=self.mode)
         return self._compiled[key]
 
 
@@ -77,22 +82,71 @@ def resolve_memory_format(requested: str, model: torch.nn.Module | None, device:
                           dtype: torch.dtype) -> torch.memory_format | None:
     """hardware.memory_format -> the layout the sequential executor gives conv weights (None: as built).
 
-    `auto` picks channels_last for 2-D conv nets on a CPU in float32: oneDNN's convolutions and max-pooling
-    run natively in NHWC there (max-pool is ~10x faster than its NCHW kernel; a small CNN's step ~10%
-    faster, scripts/bench.py); float64 convolutions do not go through oneDNN, and CUDA keeps its default."""
+    `auto` picks channels_last for 2-D conv nets in float32 (bfloat16 runs keep float32 master weights):
+    on a CPU oneDNN's convolutions and max-pooling run natively in NHWC (max-pool is ~10x faster than
+    its NCHW kernel; a small CNN's step ~10% faster, scripts/bench.py); on CUDA cuDNN's tensor-core
+    kernels (TF32, bfloat16) are NHWC kernels. float64 convolutions use neither: they keep the default."""
     if requested == "channels_last":
         return torch.channels_last
     if requested == "contiguous" or model is None:
         return None
     has_conv2d = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    return torch.channels_last if has_conv2d and device.type == "cpu" and dtype == torch.float32 else None
+    fast_layout = device.type in ("cpu", "cuda") and dtype == torch.float32
+    return torch.channels_last if has_conv2d and fast_layout else None
+
+
+def step_counts(sched: BatchSchedule) -> np.ndarray:
+    """[K] local steps of each cohort client: one past its last real step (the mask is a prefix)."""
+    mask = sched.host_mask()
+    if mask.shape[1] == 0:
+        return np.zeros(mask.shape[0], dtype=np.int64)
+    last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+    return np.where(mask.any(axis=1), last, 0).astype(np.int64)
+
+
+def length_buckets(steps: np.ndarray, max_padding: float | None,
+                   chunk: int | None) -> list[np.ndarray]:
+    """The cohort's rows grouped to run as one vmap each, every group up to its own longest client.
+
+    `max_padding` None: consecutive rows in chunks of `chunk` (every chunk padded to its longest).
+    Else rows sorted by steps, longest first, and a group closed before a client whose joining would
+    make the group's computed steps exceed `max_padding` x its real steps: the whole round's padding
+    factor is then <= max_padding too. Rows with the same steps keep their cohort order."""
+    n = len(steps)
+    chunk = chunk or max(n, 1)
+    if max_padding is None:
+        return [np.arange(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    buckets: list[np.ndarray] = []
+    current: list[int] = []
+    real = 0
+    for row in np.argsort(-steps, kind="stable"):
+        s = int(steps[row])
+        if current and (len(current) == chunk
+                        or (len(current) + 1) * int(steps[current[0]]) > max_padding * (real + s)):
+            buckets.append(np.array(current))
+            current, real = [], 0
+        current.append(int(row))
+        real += s
+    if current:
+        buckets.append(np.array(current))
+    return buckets
+
+
+def computed_steps(steps: np.ndarray, buckets: list[np.ndarray]) -> tuple[int, int]:
+    """(client-steps computed: every group to its longest, client-steps with data)."""
+    return sum(len(b) * int(steps[b].max()) for b in buckets if len(b)), int(steps.sum())
+
+
+def padding_factor(computed: int, real: int) -> float:
+    return computed / real if real else 1.0
 
 
 class SequentialExecutor:
     name = "sequential"
 
-    def __init__(self, compile: bool = False, memory_format: torch.memory_format | None = None):
-        self.steps = CompiledSteps(compile)
+    def __init__(self, compile: bool = False, memory_format: torch.memory_format | None = None,
+                 compile_mode: str | None = None):
+        self.steps = CompiledSteps(compile, compile_mode)
         self.memory_format = memory_format
 
     def run(self, fns: ClientFns, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
@@ -121,34 +175,53 @@ class SequentialExecutor:
         return RoundResult(tree_stack(ups), {} if not news or tree_is_empty(news[0]) else tree_stack(news),
                            torch.stack(losses), samples)
 
+    def client_steps(self, sched: BatchSchedule) -> tuple[int, int]:
+        """(client-steps computed, client-steps with data): masked steps are skipped."""
+        real = int(step_counts(sched).sum())
+        return real, real
+
 
 class BatchedExecutor:
     name = "batched"
 
-    def __init__(self, chunk_size: int | None = None, compile: bool = False):
+    def __init__(self, chunk_size: int | None = None, compile: bool = False,
+                 max_padding: float | None = 1.2, compile_mode: str | None = None):
         self.chunk_size = chunk_size
-        self.steps = CompiledSteps(compile)
+        self.max_padding = max_padding
+        self.steps = CompiledSteps(compile, compile_mode)
 
     def _step_fn(self, fns: ClientFns):
         return self.steps.get(fns.step, vmap(fns.step, in_dims=(0, None, 0)))
 
+    def buckets(self, sched: BatchSchedule) -> tuple[list[np.ndarray], np.ndarray]:
+        steps = step_counts(sched)
+        return length_buckets(steps, self.max_padding, self.chunk_size), steps
+
+    def client_steps(self, sched: BatchSchedule) -> tuple[int, int]:
+        """(client-steps computed, client-steps with data) of this executor's grouping."""
+        buckets, steps = self.buckets(sched)
+        return computed_steps(steps, buckets)
+
     def run(self, fns: ClientFns, down: Tree, cstates: Tree, client_ids: torch.Tensor, view: ClientView,
             sched: BatchSchedule) -> RoundResult:
-        k_total = len(client_ids)
-        chunk = self.chunk_size or k_total
         init = vmap(fns.init, in_dims=(None, 0, 0))
         step = self._step_fn(fns)
         final = vmap(fns.final, in_dims=(0, None, 0))
         ups, news, losses = [], [], []
         progress = fns.needs_progress
-        for start in range(0, k_total, chunk):
-            rows = slice(start, min(start + chunk, k_total))
+        buckets, steps = self.buckets(sched)
+        host_mask = sched.host_mask()
+        for rows_np in buckets:
+            # consecutive rows index as a slice (a view); a sorted bucket gathers its rows
+            contiguous = bool(np.all(np.diff(rows_np) == 1))
+            rows = (slice(int(rows_np[0]), int(rows_np[-1]) + 1) if contiguous
+                    else torch.as_tensor(rows_np, device=client_ids.device))
             cs = tree_index(cstates, rows)
             local = init(down, cs, client_ids[rows])
             mask_rows = sched.step_mask[rows]
-            host_rows = sched.host_mask()[rows]
+            host_rows = host_mask[rows_np]
             total = torch.zeros(mask_rows.shape[0], dtype=sched.weight.dtype, device=sched.weight.device)
-            for s in range(sched.steps):
+            for s in range(int(steps[rows_np].max())):
                 new_local, loss = step(local, down, _gather(view, sched, rows, s, progress))
                 if host_rows[:, s].all():  # every client has a real step: no masking needed
                     local = new_local
@@ -162,17 +235,41 @@ class BatchedExecutor:
             news.append(new_cs)
             losses.append(total / mask_rows.sum(1).clamp_min(1).to(total.dtype))
         samples = int(sched.weight.sum().item())
-        return RoundResult(tree_cat(ups), {} if not news or tree_is_empty(news[0]) else tree_cat(news),
-                           torch.cat(losses), samples)
+        order = np.concatenate(buckets) if buckets else np.zeros(0, dtype=np.int64)
+        if np.array_equal(order, np.arange(len(order))):
+            unsort = None
+        else:  # back to cohort order
+            unsort = torch.as_tensor(np.argsort(order), device=client_ids.device)
+        back = (lambda t: t) if unsort is None else (lambda t: tree_index(t, unsort))
+        return RoundResult(back(tree_cat(ups)),
+                           {} if not news or tree_is_empty(news[0]) else back(tree_cat(news)),
+                           back(torch.cat(losses)), samples,
+                           padding_factor=padding_factor(*computed_steps(steps, buckets)))
 
 
 Executor = SequentialExecutor | BatchedExecutor
 
 
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """How the executors run (hardware.*): chunking, bucketing, compilation, conv layout."""
+
+    chunk_size: int | None = None       # batched: at most this many clients per vmap
+    compile: bool = False               # torch.compile the client step
+    compile_mode: str | None = None     # torch.compile mode (reduce-overhead: CUDA graphs)
+    max_padding: float | None = 1.2     # batched: bucket clients by steps (None: cohort order)
+    memory_format: torch.memory_format | None = None  # sequential: conv weights' layout
+
+    def sequential(self) -> SequentialExecutor:
+        return SequentialExecutor(self.compile, self.memory_format, self.compile_mode)
+
+    def batched(self) -> BatchedExecutor:
+        return BatchedExecutor(self.chunk_size, self.compile, self.max_padding, self.compile_mode)
+
+
 def pick_executor(requested: str, method: Method, model: torch.nn.Module | None, device: torch.device,
-                  chunk_size: int | None, compile: bool = False, policy: str = "heuristic",
-                  trial: Callable[[Executor], Any] | None = None,
-                  memory_format: torch.memory_format | None = None) -> tuple[Executor, str]:
+                  options: ExecutorOptions = ExecutorOptions(), policy: str = "heuristic",
+                  trial: Callable[[Executor], Any] | None = None) -> tuple[Executor, str]:
     """Return (executor, reason).
 
     `auto` with policy `heuristic` follows measurements on a 2-core CPU (README, Performance: vmap wins
@@ -181,14 +278,14 @@ def pick_executor(requested: str, method: Method, model: torch.nn.Module | None,
     """
     if requested == "sequential" or not method.batchable:
         why = "requested" if requested == "sequential" else f"method {method.name} is sequential-only"
-        return SequentialExecutor(compile, memory_format), why
+        return options.sequential(), why
     if requested == "batched":
-        return BatchedExecutor(chunk_size, compile), "requested"
+        return options.batched(), "requested"
     if policy == "timed" and trial is not None:
         import time
 
         timings = {}
-        candidates = [SequentialExecutor(compile, memory_format), BatchedExecutor(chunk_size, compile)]
+        candidates = [options.sequential(), options.batched()]
         for ex in candidates:
             trial(ex)  # warm-up (and compilation)
             t0 = time.perf_counter()
@@ -199,11 +296,11 @@ def pick_executor(requested: str, method: Method, model: torch.nn.Module | None,
         best = min(candidates, key=lambda e: timings[e.name])
         return best, "auto (timed one round: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()) + ")"
     if method.prefers_sequential:
-        return (SequentialExecutor(compile, memory_format),
+        return (options.sequential(),
                 f"auto: method {method.name} (padding to the longest client would waste compute)")
     has_conv = model is not None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     if device.type == "cuda":
-        return BatchedExecutor(chunk_size, compile), "auto: CUDA device"
+        return options.batched(), "auto: CUDA device"
     if has_conv:
-        return SequentialExecutor(compile, memory_format), "auto: conv net on CPU (compute-bound, vmap measured slower)"
-    return BatchedExecutor(chunk_size, compile), "auto: dense model on CPU (per-step overhead dominates)"
+        return options.sequential(), "auto: conv net on CPU (compute-bound, vmap measured slower)"
+    return options.batched(), "auto: dense model on CPU (per-step overhead dominates)"

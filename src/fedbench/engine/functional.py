@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -70,12 +71,35 @@ def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tens
     return F.cross_entropy(out.float() if out.dtype == torch.bfloat16 else out, y, reduction="none")
 
 
+def _norm_input_in_float32(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    return (x.float(), *args[1:]) if x.dtype in (torch.bfloat16, torch.float16) else None
+
+
+def norms_in_float32(model: nn.Module) -> None:
+    """Mixed precision keeps normalisation in float32: every BatchNorm gets its input cast up (its
+    weights and running statistics are float32 master copies). Besides being the usual recipe, this is
+    what makes BatchNorm run under vmap at all: its batching rule refuses a bfloat16 input with float32
+    statistics ("expected scalar type BFloat16 but found Float"). Idempotent."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in _FLOAT32_NORMS:
+            m.register_forward_pre_hook(_norm_input_in_float32)
+            _FLOAT32_NORMS.add(m)
+
+
+_FLOAT32_NORMS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def make_loss_fn(model: nn.Module, task: str, autocast_dtype: torch.dtype | None = None) -> LossFn:
     """loss(params, buffers, x, y, w) -> (weighted mean loss, (loss, updated buffers)).
 
     `w` weights every sample (0 for padding), so short batches are exact. Buffers (BatchNorm running
-    statistics) are cloned before the call because train-mode BatchNorm updates them in place.
+    statistics) are cloned before the call because train-mode BatchNorm updates them in place. With
+    `autocast_dtype` (bfloat16) the forward pass runs under autocast over float32 parameters, BatchNorm
+    in float32 (`norms_in_float32`).
     """
+    if autocast_dtype is not None:
+        norms_in_float32(model)
 
     def loss_fn(params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
         bufs = {k: v.clone() for k, v in buffers.items()}

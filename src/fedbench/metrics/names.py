@@ -22,6 +22,8 @@ TOTAL_S = "time/total_s"
 STARTUP_S = "time/startup_s"
 WALL_S = "time/wall_s"
 SAMPLES_PER_S = "throughput/samples_per_s"
+# client-steps computed / client-steps with data: > 1 where a vmap group runs to its longest client
+PADDING_FACTOR = "throughput/padding_factor"
 PEAK_RSS_MB = "memory/peak_rss_mb"
 PEAK_DEVICE_MB = "memory/peak_device_mb"
 

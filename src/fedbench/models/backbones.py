@@ -47,12 +47,13 @@ RESNET_WIDTH = 64  # channels of the first stage: GroupNorm groups must divide i
 class ResNetConfig(ImageBackboneConfig):
     norm: str = spec("group", choices=("group", "batch", "none"))
     groups: int = spec(2, ge=1, le=RESNET_WIDTH)
+    width: int = spec(RESNET_WIDTH, ge=1)   # channels of the first stage (doubling per stage)
 
     def __post_init__(self) -> None:
-        if RESNET_WIDTH % self.groups:
-            allowed = [g for g in range(1, RESNET_WIDTH + 1) if RESNET_WIDTH % g == 0]
-            raise ConfigError(f"backbone.groups={self.groups}: must divide {RESNET_WIDTH} (the channels of the "
-                              f"first stage); allowed: {', '.join(map(str, allowed))}")
+        if self.width % self.groups:
+            allowed = [g for g in range(1, self.width + 1) if self.width % g == 0]
+            raise ConfigError(f"backbone.groups={self.groups}: must divide backbone.width={self.width} (the "
+                              f"channels of the first stage); allowed: {', '.join(map(str, allowed))}")
 
 
 class Split(nn.Module):
@@ -173,15 +174,15 @@ class BasicBlock(nn.Module):
 @register("backbone", "resnet18", config=ResNetConfig)
 def resnet18(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """ResNet-18 with a 3x3 stride-1 stem (CIFAR-style); BatchNorm or GroupNorm."""
-    norm, groups = cfg.norm, cfg.groups
-    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False), _norm(norm, 64, groups),
+    norm, groups, w = cfg.norm, cfg.groups, cfg.width
+    layers: list[nn.Module] = [nn.Conv2d(input_shape[0], w, 3, 1, 1, bias=False), _norm(norm, w, groups),
                                nn.ReLU()]
-    cin = 64
-    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+    cin = w
+    for cout, stride in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]:
         layers += [BasicBlock(cin, cout, stride, norm, groups), BasicBlock(cout, cout, 1, norm, groups)]
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return Split(nn.Sequential(*layers), nn.Linear(512, num_classes))
+    return Split(nn.Sequential(*layers), nn.Linear(8 * w, num_classes))
 
 
 def build_model(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:

@@ -23,7 +23,7 @@ from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, samp
 from fedbench.data.datasets import load_dataset
 from fedbench.data.partitions import Partition, make_partition, partition_stats
 from fedbench.engine.distributed import SINGLE, ShardedExecutor, World
-from fedbench.engine.executors import Executor, pick_executor, resolve_memory_format
+from fedbench.engine.executors import Executor, ExecutorOptions, pick_executor, resolve_memory_format
 from fedbench.engine.functional import make_loss_fn, split_state
 from fedbench.engine.optim import LrSchedule
 from fedbench.engine.protocol import RoundContext, RunContext
@@ -196,9 +196,10 @@ def initial_state(cfg: DictConfig, method: Method, ctx: RunContext, n_clients: i
 def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None = None,
               sweep_group: str | None = None, world: World = SINGLE) -> Run:
     """Every rank builds the same Run (same seeds); only rank 0 writes artefacts."""
-    device = resolve_device(str(cfg.hardware.device))
+    device = run_device(cfg, world)
     if cfg.hardware.threads:
         torch.set_num_threads(int(cfg.hardware.threads))
+    configure_backends(typed_group(cfg, "hardware", HardwareConfig), device)
     # bf16 runs as autocast over float32 master weights
     dtype = torch.float64 if DTYPES[str(cfg.hardware.dtype)] == torch.float64 else torch.float32
     dataset, part, stats = load_data(cfg, run_dir, device, dtype, write=world.is_main)
@@ -223,6 +224,23 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None 
     return run
 
 
+def run_device(cfg: DictConfig, world: World = SINGLE) -> torch.device:
+    """hardware.device, or the GPU this rank bound when it joined a multi-process run."""
+    return world.device if world.device is not None else resolve_device(str(cfg.hardware.device))
+
+
+def configure_backends(hw: HardwareConfig, device: torch.device) -> None:
+    """CUDA's speed switches (null: on for a CUDA run): TF32 matmuls and convolutions (float32 inputs
+    rounded to a 10-bit mantissa inside the tensor cores; hardware.tf32=false keeps full float32) and
+    cuDNN's per-shape algorithm search. A CPU run leaves torch's defaults alone."""
+    if device.type != "cuda":
+        return
+    tf32 = True if hw.tf32 is None else hw.tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True if hw.cudnn_benchmark is None else hw.cudnn_benchmark
+
+
 def choose_executor(run: Run) -> Executor:
     """The configured executor; `auto` may time one throw-away round of each (hardware.auto_policy=timed)."""
     from fedbench.run.loop import run_round
@@ -234,8 +252,11 @@ def choose_executor(run: Run) -> Executor:
         run_round(run.method, executor, state.gstate, state.cstates, ctx, run.view, sched)
 
     layout = resolve_memory_format(hw.memory_format, run.model, run.device, run.dtype)
-    executor, why = pick_executor(hw.executor, run.method, run.model, run.device, hw.chunk_size, hw.compile,
-                                  hw.auto_policy, trial, layout)
+    options = ExecutorOptions(hw.chunk_size, hw.compile,
+                              None if hw.compile_mode == "default" else hw.compile_mode,
+                              hw.max_padding, layout)
+    executor, why = pick_executor(hw.executor, run.method, run.model, run.device, options,
+                                  hw.auto_policy, trial)
     conv_layout = ", conv weights channels_last" if layout is not None and executor.name == "sequential" else ""
     log.info("executor: %s (%s)%s", executor.name, why, conv_layout)
     return executor

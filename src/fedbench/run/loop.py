@@ -34,6 +34,7 @@ class RoundOutput:
     bytes_up: int
     bytes_down: int
     metrics: dict[str, Any]         # the method's own per-round metrics (from aggregate)
+    padding_factor: float = 1.0     # client-steps computed / client-steps with data
 
 
 def run_round(method: Method, executor: Executor, gstate: dict[str, Any], cstates: dict[str, Any],
@@ -48,7 +49,8 @@ def run_round(method: Method, executor: Executor, gstate: dict[str, Any], cstate
     if up is not None:  # the server may change the cohort's client states (sent to each of them)
         client_states, sent = method.personalize(new_gstate, client_states, up, ctx)
         bytes_down += payload_bytes(sent) if sent is not None else 0
-    return RoundOutput(new_gstate, client_states, res.loss, res.samples, bytes_up, bytes_down, metrics)
+    return RoundOutput(new_gstate, client_states, res.loss, res.samples, bytes_up, bytes_down, metrics,
+                       res.padding_factor)
 
 
 def server_step(method: Method, gstate: dict[str, Any], res: RoundResult,
@@ -138,6 +140,7 @@ def round_row(run: Run, state: RunState, out: RoundOutput, seconds: float) -> di
     row[names.ROUND_S] = seconds
     row[names.TOTAL_S] = t["time_s"]
     row[names.SAMPLES_PER_S] = out.samples / seconds if seconds > 0 else None
+    row[names.PADDING_FACTOR] = out.padding_factor
     return row
 
 
