@@ -4,9 +4,11 @@
     python scripts/bench_peers.py --workloads W2 --rounds 8
 
 W1: multinomial logistic regression, p=1000, 10 classes, 100 clients x 500, 20 per round, 1 epoch, batch 32,
-lr 0.1. W2: the FedAvg CNN on 28x28x1, 100 clients x 100, 10 per round, 1 epoch, batch 10, lr 0.05. Both
+lr 0.1. W2: the FedAvg CNN on 28x28x1, 100 clients x 100, 10 per round, 1 epoch, batch 10, lr 0.05. W3:
+pfl's CIFAR-10 benchmark shape, its simple_cnn on 3x32x32, 1000 clients x 50, 50 per round, batch 10. Both
 frameworks read the same data (random inputs labelled by a random linear teacher) and the same client
-split; pfl runs its own FedAvg (benchmarks/peers/pfl_harness.py) with 1 process x all threads and with
+split; pfl runs its own FedAvg (benchmarks/peers/pfl_harness.py, set up as pfl's own benchmarks: every
+user's tensors made once, FederatedDataset.from_slices) with 1 process x all threads and with
 torchrun over 2 processes x 1 thread; fedbench runs its executors with 1 process and with 2 workers.
 Reported: steady seconds per round (median of rounds >= 2) and training samples/s; start-up apart. Each
 variant runs --repeat times, interleaved with the others; a row is its median run, with the range.
@@ -34,6 +36,9 @@ WORKLOADS = {
            "batch": 32, "lr": 0.1},
     "W2": {"model": "cnn", "shape": (1, 28, 28), "classes": 10, "clients": 100, "per_client": 100, "cohort": 10,
            "batch": 10, "lr": 0.05},
+    # pfl-research's CIFAR-10 benchmark shape with its simple_cnn (fedbench backbone simple_cnn)
+    "W3": {"model": "simple_cnn", "shape": (3, 32, 32), "classes": 10, "clients": 1000, "per_client": 50,
+           "cohort": 50, "batch": 10, "lr": 0.05},
 }
 
 
@@ -78,35 +83,40 @@ def run_pfl(py: Path, data: Path, w: dict, rounds: int, procs: int, out: Path) -
 
 
 def fedbench_rank(rank: int, size: int, port: int, data: str, w: dict, rounds: int, executor: str,
-                  threads: int, compile_: bool, result: str) -> None:
+                  threads: int, compile_: bool, result: str, device_name: str = "cpu") -> None:
     """One rank of a fedbench run of the workload through run_round (bench.engine_round)."""
     from fedbench.bench import Workload, build, engine_round
     from fedbench.data.clients import ClientView, make_schedule, sample_cohort
     from fedbench.engine.distributed import ShardedExecutor, World, join, leave
     from fedbench.engine.executors import BatchedExecutor, SequentialExecutor, resolve_memory_format
     from fedbench.engine.functional import split_state
+    from fedbench.run.loop import synchronize
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
-    world = join(rank, size, f"tcp://127.0.0.1:{port}", torch.device("cpu")) if size > 1 else World()
+    device = torch.device(device_name)
+    world = join(rank, size, f"tcp://127.0.0.1:{port}", device) if size > 1 else World()
+    device = world.device or device  # a CUDA rank computes on the GPU it bound
     blob = np.load(data)
     owner = blob["owner"]
     parts = [np.flatnonzero(owner == u) for u in range(w["clients"])]
-    view = ClientView.build(torch.from_numpy(blob["x"]), torch.from_numpy(blob["y"]), parts)
+    view = ClientView.build(torch.from_numpy(blob["x"]).to(device), torch.from_numpy(blob["y"]).to(device),
+                            parts)
     spec = Workload(w["model"], w["model"], tuple(w["shape"]), w["classes"], w["clients"], w["per_client"],
                     w["cohort"], w["batch"], lr=w["lr"])
-    model, method = build(spec, torch.device("cpu"), torch.float32)
+    model, method = build(spec, device, torch.float32)
     gstate = method.init_global(*split_state(model))
-    # hardware.memory_format=auto, as the CLI runs it (channels_last conv weights on this CPU)
-    layout = resolve_memory_format("auto", model, torch.device("cpu"), torch.float32)
+    # hardware.memory_format=auto, as the CLI runs it (channels_last conv weights for float32 conv nets)
+    layout = resolve_memory_format("auto", model, device, torch.float32)
     inner = SequentialExecutor(compile_, layout) if executor == "sequential" else BatchedExecutor(compile=compile_)
     ex = ShardedExecutor(inner, world) if size > 1 else inner
-    sizes = torch.as_tensor(view.sizes(), dtype=torch.float32)
+    sizes = torch.as_tensor(view.sizes(), dtype=torch.float32, device=device)
     marks = [time.perf_counter()]
     for r in range(1, rounds + 1):
         cohort = sample_cohort(0, r, w["clients"], w["cohort"] / w["clients"])
-        sched = make_schedule(view, cohort, 0, r, w["batch"], 1, None, torch.float32, "cpu")
+        sched = make_schedule(view, cohort, 0, r, w["batch"], 1, None, torch.float32, device)
         gstate = engine_round(method, ex, gstate, view, cohort, sched, sizes, r)
+        synchronize(device)
         marks.append(time.perf_counter())
     if world.is_main:
         per_round = w["cohort"] * w["per_client"]
@@ -118,7 +128,8 @@ def fedbench_rank(rank: int, size: int, port: int, data: str, w: dict, rounds: i
     leave(world)
 
 
-def run_fedbench(data: Path, w: dict, rounds: int, executor: str, procs: int, compile_: bool, out: Path) -> dict:
+def run_fedbench(data: Path, w: dict, rounds: int, executor: str, procs: int, compile_: bool, out: Path,
+                 device: str = "cpu") -> dict:
     from fedbench.engine.distributed import free_port
 
     result = out / f"fedbench-{data.stem}-{executor}-{procs}-{int(compile_)}.json"
@@ -126,7 +137,7 @@ def run_fedbench(data: Path, w: dict, rounds: int, executor: str, procs: int, co
     port = free_port()
     ctx = torch.multiprocessing.get_context("spawn")
     ps = [ctx.Process(target=fedbench_rank, args=(r, procs, port, str(data), w, rounds, executor,
-                                                  max(1, cores // procs), compile_, str(result)))
+                                                  max(1, cores // procs), compile_, str(result), device))
           for r in range(procs)]
     for p in ps:
         p.start()
@@ -144,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each variant, interleaved; the table "
                     "reports the median run (by samples/s) and the range")
     ap.add_argument("--frameworks", nargs="+", default=["pfl", "fedbench"], choices=["pfl", "fedbench"])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: fedbench's device; pfl runs on its own "
+                    "default device (CUDA when torch sees one)")
+    ap.add_argument("--processes", nargs="+", type=int, default=[1, 2],
+                    help="process counts to run each framework with")
+    ap.add_argument("--no-compile", action="store_true", help="leave out fedbench's compiled variants")
     a = ap.parse_args(argv)
     work = a.out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -152,18 +168,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.workloads:
         w = WORKLOADS[name]
         data = write_data(name, w, work)
-        variants = [("pfl", "own FedAvg", 1, False), ("pfl", "own FedAvg", 2, False)]
+        procs_list = a.processes
+        variants = [("pfl", "own FedAvg", p, False) for p in procs_list]
         execs = ["batched"] if w["model"] == "logreg" else ["sequential", "batched"]
-        variants += [("fedbench", e, p, False) for e in execs for p in (1, 2)]
-        # compiled steps: steady rounds are faster, start-up pays the compilation (reported apart)
-        variants += [("fedbench", e, p, True) for e in execs for p in (1, 2)]
+        variants += [("fedbench", e, p, False) for e in execs for p in procs_list]
+        if not a.no_compile:  # compiled steps: faster steady rounds; start-up pays the compilation
+            variants += [("fedbench", e, p, True) for e in execs for p in procs_list]
         variants = [v for v in variants if v[0] in a.frameworks]
         # every variant once, then again (a.repeat times): slow drifts of a shared machine hit all alike
         runs: dict[tuple, list[dict]] = {v: [] for v in variants}
         for rep in range(a.repeat):
             for framework, executor, procs, compile_ in variants:
                 res = (run_pfl(py, data, w, a.rounds, procs, work) if framework == "pfl"
-                       else run_fedbench(data, w, a.rounds, executor, procs, compile_, work))
+                       else run_fedbench(data, w, a.rounds, executor, procs, compile_, work, a.device))
                 runs[(framework, executor, procs, compile_)].append(res)
                 label = executor + (" + compile" if compile_ else "")
                 print(f"{name} [{rep + 1}/{a.repeat}] {framework:8s} {label:18s} x{procs}: "
@@ -171,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"(start-up {res['startup_s']:.1f} s)", flush=True)
         for (framework, executor, procs, compile_), results in runs.items():
             rows.append(summarise(name, framework, executor + (" + compile" if compile_ else ""), procs, results))
-    write_results(rows, a.out, a.rounds)
+    write_results(rows, a.out, a.rounds, a.device)
 
 
 def summarise(workload: str, framework: str, variant: str, procs: int, results: list[dict]) -> dict:
@@ -183,9 +200,10 @@ def summarise(workload: str, framework: str, variant: str, procs: int, results: 
             "repeats_samples_per_s": [r["samples_per_s"] for r in results]}
 
 
-def write_results(rows: list[dict], out: Path, rounds: int) -> None:
+def write_results(rows: list[dict], out: Path, rounds: int, device: str = "cpu") -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"time": stamp, "cpu": f"{os.cpu_count()} cores", "torch": torch.__version__, "rounds": rounds,
+            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
             "steady": "median of rounds >= 2; each row the median of its interleaved repeats"}
     (out / f"peers-{stamp}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     lines = ["| workload | framework | variant | processes | steady s/round | samples/s | start-up s | first round s |"

@@ -30,6 +30,12 @@ class Net(torch.nn.Module):
         super().__init__()
         if kind == "logreg":
             self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(shape)), classes))
+        elif kind == "simple_cnn":  # pfl's benchmark CNN, NCHW inputs, without its dropout (as fedbench's)
+            c, h, _ = shape
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(c, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64 * ((h - 4) // 2) ** 2, 128),
+                torch.nn.ReLU(), torch.nn.Linear(128, classes))
         else:
             c, h, w = shape
             flat = 64 * (h // 4) * (w // 4)
@@ -77,6 +83,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--data-setup", default="slices", choices=["slices", "per-user"])
+    ap.add_argument("--compile", action="store_true", help="PyTorchModel(use_torch_compile=True)")
     a = ap.parse_args()
     started = time.perf_counter()
     if a.threads:
@@ -85,12 +93,20 @@ def main() -> None:
     x, y, owner = torch.from_numpy(blob["x"]), torch.from_numpy(blob["y"]), blob["owner"]
     users = sorted(set(owner.tolist()))
     index = {u: np.flatnonzero(owner == u) for u in users}
-    data = FederatedDataset(lambda u: Dataset((x[index[u]], y[index[u]]), user_id=str(u)),
-                            get_user_sampler("random", users), user_id_to_weight={u: len(index[u]) for u in users})
+    if a.data_setup == "slices":
+        # pfl's own benchmarks (benchmarks/dataset/cifar10/numpy.py): every user's tensors made once,
+        # FederatedDataset.from_slices
+        slices = {u: (x[index[u]].contiguous(), y[index[u]].contiguous()) for u in users}
+        data = FederatedDataset.from_slices(slices, get_user_sampler("random", users))
+    else:  # a Dataset built per sampled user (pfl's generic constructor)
+        data = FederatedDataset(lambda u: Dataset((x[index[u]], y[index[u]]), user_id=str(u)),
+                                get_user_sampler("random", users),
+                                user_id_to_weight={u: len(index[u]) for u in users})
     torch.manual_seed(0)
     net = Net(a.model, tuple(x.shape[1:]), int(blob["classes"]))
     model = PyTorchModel(net, local_optimizer_create=torch.optim.SGD,
-                         central_optimizer=torch.optim.SGD(net.parameters(), 1.0))
+                         central_optimizer=torch.optim.SGD(net.parameters(), 1.0),
+                         use_torch_compile=a.compile)
     timer = Timer()
     FederatedAveraging().run(
         algorithm_params=NNAlgorithmParams(central_num_iterations=a.rounds, evaluation_frequency=a.rounds + 1,

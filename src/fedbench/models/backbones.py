@@ -108,6 +108,23 @@ def cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     return Split(body, nn.Linear(512, num_classes))
 
 
+@register("backbone", "simple_cnn", config=ImageBackboneConfig)
+def simple_cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
+    """pfl-research's benchmark CNN (`simple_cnn` of its CIFAR-10 benchmark): conv3x3-32, conv3x3-64
+    (no padding), pool, fc128, fc; Glorot-uniform weights. pfl's two dropout layers are left out: the
+    executors' steps are deterministic functions of the seeded schedule (docs/fidelity.md)."""
+    c = input_shape[0]
+    body = nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten())
+    body.append(nn.Linear(_feature_dim(body, input_shape), 128))
+    body.append(nn.ReLU())
+    model = Split(body, nn.Linear(128, num_classes))
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+    return model
+
+
 @register("backbone", "pac_cnn", config=PacCNNConfig)
 def pac_cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> Split:
     """The CNNs of FedPAC's official code (models/cnn.py): conv5x5-16, pool, conv5x5-32 (padding 1), pool,
