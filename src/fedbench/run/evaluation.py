@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.func import functional_call, vmap
 
 from fedbench.data.partitions import Partition
-from fedbench.engine.functional import tree_index
+from fedbench.engine.functional import tree_index, tree_stack
 from fedbench.metrics import names
-from fedbench.metrics.evaluate import evaluate, evaluate_fn
+from fedbench.metrics.evaluate import evaluate_fn
 from fedbench.metrics.sparsity import density, feature_support, support_scores
 from fedbench.metrics.tracker import BestTracker
 from fedbench.run.callbacks import Callback, callback
@@ -34,31 +35,81 @@ def evaluate_global(method: Method, gstate: dict[str, Any], dataset: Any) -> tup
 
 
 def evaluate_personal(method: Method, gstate: dict[str, Any], cstates: dict[str, Any],
-                      model: torch.nn.Module, dataset: Any, part: Partition) -> dict[str, float]:
+                      model: torch.nn.Module, dataset: Any, part: Partition,
+                      chunk: int = 64) -> dict[str, float]:
     """Each client's own model on its own local validation / test split (personal/*).
 
     Methods without personal state (FedAvg ...) are scored with the global model on the same splits
     (`personal_params` defaults to the global model), so global and personalized methods compare on
-    equal terms."""
+    equal terms. Batched over clients: clients whose models are the same tensors (a global model) share
+    one forward pass over all their samples; the others are mapped with vmap, `chunk` clients at a time
+    (each client's samples padded to the chunk's largest split)."""
+    device = dataset.x_train.device
+    models: dict[int, tuple[dict, dict]] = {}
+    for k in range(part.num_clients):
+        if len(part.val[k]) or len(part.test[k]):
+            train = torch.as_tensor(part.train[k], device=device)
+            models[k] = method.personal_params(gstate, tree_index(cstates, k), dataset.x_train[train],
+                                               dataset.y_train[train])
     out: dict[str, float] = {}
-    for split, index_sets in (("val", part.val), ("test", part.test)):
-        accs, counts = [], []
-        for k, idx in enumerate(index_sets):
-            if len(idx) == 0:
+    was_training = model.training
+    model.eval()
+    try:
+        for split, index_sets in (("val", part.val), ("test", part.test)):
+            clients = [k for k in models if len(index_sets[k])]
+            if not clients:
                 continue
-            train = torch.as_tensor(part.train[k], device=dataset.x_train.device)
-            params, buffers = method.personal_params(gstate, tree_index(cstates, k), dataset.x_train[train],
-                                                     dataset.y_train[train])
-            ix = torch.as_tensor(idx, device=dataset.x_train.device)
-            scores = evaluate(model, params, buffers, dataset.x_train[ix], dataset.y_train[ix], "classification")
-            accs.append(scores["acc"])
-            counts.append(len(idx))
-        if accs:
-            a, n = np.array(accs), np.array(counts)
+            correct = _correct_per_client(model, models, clients, index_sets, dataset, chunk)
+            n = np.array([len(index_sets[k]) for k in clients])
+            a = np.array([correct[k] for k in clients]) / n
             out[names.personal(split)] = float((a * n).sum() / n.sum())  # weighted by client split size
             out[names.personal(split, "std")] = float(a.std())           # spread over clients
             out[names.personal(split, "min")] = float(a.min())
+    finally:
+        model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def _correct_per_client(model: torch.nn.Module, models: dict[int, tuple[dict, dict]], clients: list[int],
+                        index_sets: list[Any], dataset: Any, chunk: int) -> dict[int, int]:
+    """Correct predictions of each client's model on its own samples of one split."""
+    device = dataset.x_train.device
+    correct: dict[int, int] = {}
+    shared: dict[tuple[int, ...], list[int]] = {}  # clients holding the very same tensors
+    for k in clients:
+        params, buffers = models[k]
+        shared.setdefault(tuple(id(t) for t in (*params.values(), *buffers.values())), []).append(k)
+    singles = []
+    for group in shared.values():
+        if len(group) == 1:
+            singles.append(group[0])
+            continue
+        params, buffers = models[group[0]]
+        idx = torch.as_tensor(np.concatenate([index_sets[k] for k in group]), device=device)
+        owner = torch.as_tensor(np.repeat(np.arange(len(group)), [len(index_sets[k]) for k in group]),
+                                device=device)
+        hits = torch.cat([functional_call(model, (params, buffers), (dataset.x_train[idx[i:i + 2048]],))
+                          .argmax(-1) == dataset.y_train[idx[i:i + 2048]] for i in range(0, len(idx), 2048)])
+        counts = torch.zeros(len(group), dtype=torch.long, device=device).index_add_(0, owner, hits.long())
+        correct.update(zip(group, counts.tolist(), strict=True))
+    for start in range(0, len(singles), chunk):
+        group = singles[start:start + chunk]
+        sizes = [len(index_sets[k]) for k in group]
+        most = max(sizes)
+        pad = np.zeros((len(group), most), dtype=np.int64)
+        valid = np.zeros((len(group), most), dtype=bool)
+        for row, k in enumerate(group):
+            pad[row, :sizes[row]] = index_sets[k]
+            valid[row, :sizes[row]] = True
+        idx = torch.as_tensor(pad, device=device)
+        params = tree_stack([models[k][0] for k in group])
+        buffers = tree_stack([models[k][1] for k in group])
+        x = dataset.x_train[idx.reshape(-1)].view(len(group), most, *dataset.x_train.shape[1:])
+        logits = vmap(lambda p, b, xb: functional_call(model, (p, b), (xb,)))(params, buffers, x)
+        hits = (logits.argmax(-1) == dataset.y_train[idx]) & torch.as_tensor(valid, device=device)
+        correct.update(zip(group, hits.sum(1).tolist(), strict=True))
+    return correct
 
 
 def sparsity_metrics(method: Method, gstate: dict[str, Any], dataset: Any) -> dict[str, Any]:
