@@ -212,3 +212,33 @@ def test_bn_frozen_keeps_the_starting_statistics_for_any_gradient_method(tmp_pat
     assert torch.equal(out["frozen"]["buffers"][mean], torch.zeros_like(out["frozen"]["buffers"][mean]))
     assert not torch.equal(out["batch"]["buffers"][mean], out["frozen"]["buffers"][mean])
     assert not torch.equal(out["frozen"]["params"]["head.weight"], out["batch"]["params"]["head.weight"])
+
+
+def test_client_state_blocks_rewrite_only_trained_clients_and_resume_exactly(tmp_path, tiny):
+    """A large federation's client state lives in client_state/ blocks of 64 clients; a checkpoint
+    rewrites only the blocks of clients that trained since the previous one; resume is exact."""
+    from torch.utils._pytree import tree_leaves
+
+    from fedbench.data.clients import sample_cohort
+    from fedbench.run.state import BLOCK_CLIENTS, load_checkpoint
+
+    cfg = tiny + ["method=scaffold", "clients=300", "participation=0.01", "partition=iid", "rounds=4",
+                  "hardware.dtype=float64", "checkpoint_every=1"]
+    blocks = cfg + ["checkpoint_inline_mb=0"]
+    run_experiment(compose_cfg(cfg), tmp_path / "inline")
+    with pytest.raises(Preempted):
+        run_experiment(compose_cfg(blocks), tmp_path / "blocks", stop_after=2)
+    ckpt = torch.load(tmp_path / "blocks" / "checkpoint.pt", weights_only=False)
+    assert ckpt["cstates"] == {} and sorted(ckpt["client_blocks"]) == [0, 1, 2, 3, 4]
+    rewritten = {b for b, name in ckpt["client_blocks"].items() if name.endswith("r000002.pt")}
+    trained = {int(c) // BLOCK_CLIENTS for c in sample_cohort(0, 2, 300, 0.01)}
+    assert rewritten == trained and len(rewritten) <= 3  # round 2 rewrote its cohort's blocks only
+    files = {p.name for p in (tmp_path / "blocks" / "client_state").glob("block*.pt")}
+    prev = torch.load(tmp_path / "blocks" / "checkpoint.prev.pt", weights_only=False)["client_blocks"]
+    assert files == set(ckpt["client_blocks"].values()) | set(prev.values())  # older ones pruned
+    run_experiment(compose_cfg(blocks), tmp_path / "blocks")  # resumes from round 2
+    a = final_params(tmp_path / "inline")[1]
+    b = load_checkpoint(tmp_path / "blocks" / "checkpoint.pt", torch.device("cpu"))
+    for x, y in zip(tree_leaves([a["gstate"], a["cstates"]]), tree_leaves([b["gstate"], b["cstates"]]),
+                    strict=True):
+        assert torch.equal(x, y)

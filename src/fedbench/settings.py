@@ -32,6 +32,7 @@ class RunSettings(GroupConfig):
     eval_every: int = spec(1, ge=1)
     resume: bool | str = "auto"
     checkpoint_every: int = spec(5, ge=1)
+    checkpoint_inline_mb: float = spec(256, ge=0)
     progress: bool = True
     output_root: str = spec("outputs", nonempty=True)
 

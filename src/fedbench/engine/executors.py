@@ -54,8 +54,8 @@ class CompiledSteps:
     """torch.compile'd step functions, one graph per step function (bound methods compare equal across
     rounds); recompiles only when shapes change. Off: the function itself."""
 
-    def __init__(self, enabled: bool, mode: str | None = None):
-        self.enabled, self.mode = enabled, mode
+    def __init__(self, enabled: bool, mode: str | None = None, dynamic: bool | None = False):
+        self.enabled, self.mode, self.dynamic = enabled, mode, dynamic
         self._compiled: dict[Any, Any] = {}
 
     def get(self, key: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,7 +63,7 @@ class CompiledSteps:
             return fn
         if key not in self._compiled:
             # mode: None (default), reduce-overhead (CUDA graphs), max-autotune
-            self._compiled[key] = torch.compile(fn, dynamic=False, mode=self.mode)
+            self._compiled[key] = torch.compile(fn, dynamic=self.dynamic, mode=self.mode)
         return self._compiled[key]
 
 
@@ -188,7 +188,9 @@ class BatchedExecutor:
                  max_padding: float | None = 1.2, compile_mode: str | None = None):
         self.chunk_size = chunk_size
         self.max_padding = max_padding
-        self.steps = CompiledSteps(compile, compile_mode)
+        # groups of varying sizes: after the first size change torch.compile makes the client dim
+        # dynamic (one more graph) instead of compiling a graph per size
+        self.steps = CompiledSteps(compile, compile_mode, dynamic=None if max_padding is not None else False)
 
     def _step_fn(self, fns: ClientFns):
         return self.steps.get(fns.step, vmap(fns.step, in_dims=(0, None, 0)))

@@ -78,14 +78,20 @@ class Run:
     has_local_splits: bool = False  # per-client evaluation applies (set once by build_run)
 
     def prepare_round(self, r: int) -> tuple[RoundContext, BatchSchedule]:
-        """The round's cohort and batch schedule, drawn from (seed, round, client) only."""
+        """The round's cohort and batch schedule (`schedule_round`), with the method set to the round's
+        client learning rate."""
+        self.method.lr = self.lr_at(r)  # the round's client learning rate (lr_schedule)
+        return self.schedule_round(r)
+
+    def schedule_round(self, r: int) -> tuple[RoundContext, BatchSchedule]:
+        """The round's cohort and batch schedule, drawn from (seed, round, client) and the config only:
+        the loop builds round r+1's while the device still works on round r."""
         cfg, seed = self.cfg, int(self.cfg.seed)
         cohort_np = sample_cohort(seed, r, self.view.num_clients, float(cfg.participation))
         sched = make_schedule(self.view, cohort_np, seed, r, int(cfg.batch_size),
                               self.method.local_epochs(int(cfg.local_epochs)),
                               cfg.local_steps, self.dtype, self.device, self.method.noise_dim)
         cohort = torch.as_tensor(cohort_np, device=self.device)
-        self.method.lr = self.lr_at(r)  # the round's client learning rate (lr_schedule)
         return RoundContext(r, cohort, self.sizes[cohort], self.view.num_clients, self.rounds), sched
 
     def lr_at(self, r: int) -> float:

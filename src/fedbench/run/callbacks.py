@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +33,7 @@ from fedbench.engine.distributed import SINGLE, World
 from fedbench.errors import ConfigError, DivergedError, Preempted
 from fedbench.metrics import names
 from fedbench.registry import config_class, register, table
-from fedbench.run.state import save_checkpoint
+from fedbench.run.state import ClientBlocks, previous_path, save_checkpoint, state_bytes
 
 if TYPE_CHECKING:
     from fedbench.run.build import Run
@@ -144,6 +145,8 @@ def divergence_hint(run: Run) -> str:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(GroupConfig):
     every: int = spec(5, ge=1)  # set from the run's `checkpoint_every`
+    # client state above this size goes to client_state/ blocks (set from `checkpoint_inline_mb`)
+    inline_mb: float = spec(256.0, ge=0)
 
 
 @callback("checkpoint", CheckpointConfig)
@@ -164,8 +167,24 @@ class CheckpointCallback(Callback):
         self.every, self.stop_after, self.world = self.cfg.every, stop_after, world
 
     def save(self, run: Run, state: RunState, finished: bool) -> None:
-        if self.world.is_main:  # one writer; every rank decides the same way
-            save_checkpoint(run.ckpt_path, state.to_checkpoint(run.fingerprint, finished=finished))
+        if not self.world.is_main:  # one writer; every rank decides the same way
+            return
+        ckpt = state.to_checkpoint(run.fingerprint, finished=finished)
+        if self.blocks is None and state_bytes(state.cstates) > self.cfg.inline_mb * 2**20:
+            self.blocks = ClientBlocks(run.ckpt_path.parent)
+            self.manifest = self.loaded_manifest
+        if self.blocks is not None:  # a large federation: only the blocks of clients that trained
+            before = self.manifest
+            self.manifest = self.blocks.save(state, before)
+            ckpt = {**ckpt, "cstates": {}, "client_blocks": self.manifest}
+        save_checkpoint(run.ckpt_path, ckpt)
+        if self.blocks is not None:
+            self.blocks.prune([self.manifest] + ([before] if before else []))
+
+    def on_start(self, run: Run, state: RunState) -> None:
+        self.blocks, self.manifest, self.loaded_manifest = None, None, None
+        if state.dirty is not None:  # resumed from blocks: they hold this state already
+            self.loaded_manifest = _manifest_of(run.ckpt_path)
 
     def after_round(
         self, run: Run, state: RunState, row: Mapping[str, Any]
@@ -186,6 +205,24 @@ class CheckpointCallback(Callback):
     def on_end(self, run: Run, state: RunState, summary: dict[str, Any], end: RunEnd) -> None:
         if end.stopped_by is not None and state.round < run.rounds:
             self.save(run, state, finished=True)
+
+
+def checkpoint_config(cfg: DictConfig) -> CheckpointConfig:
+    return CheckpointConfig(int(cfg.checkpoint_every),
+                            float(OmegaConf.select(cfg, "checkpoint_inline_mb", default=256.0)))
+
+
+def _manifest_of(path: Path) -> dict[int, str] | None:
+    """The client-block manifest of the checkpoint a resumed run started from."""
+    import torch
+
+    for candidate in (path, previous_path(path)):
+        try:
+            blocks = torch.load(candidate, map_location="cpu", weights_only=True).get("client_blocks")
+        except Exception:  # noqa: BLE001 - unreadable: the other one
+            continue
+        return {int(b): n for b, n in blocks.items()} if blocks else None
+    return None
 
 
 def _select(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -275,7 +312,7 @@ def build_callbacks(
         progress(progress.Config(enabled=bool(cfg.progress))),
         known["files"](),
         DivergenceCallback(),
-        CheckpointCallback(CheckpointConfig(int(cfg.checkpoint_every)), stop_after, world),
+        CheckpointCallback(checkpoint_config(cfg), stop_after, world),
     ]
     for name, key in requested(cfg):
         values = _select(cfg, key)
@@ -292,5 +329,5 @@ def follower_callbacks(cfg: DictConfig, stop_after: int | None, world: World) ->
     way)."""
     return [
         DivergenceCallback(),
-        CheckpointCallback(CheckpointConfig(int(cfg.checkpoint_every)), stop_after, world),
+        CheckpointCallback(checkpoint_config(cfg), stop_after, world),
     ]

@@ -84,10 +84,15 @@ def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
         state.callbacks[cb.name] = cb.state_dict()
     run.startup_s = time.perf_counter() - run.created
     try:
+        upcoming = None
         for r in range(state.round + 1, run.rounds + 1):
             t0 = time.perf_counter()
-            ctx, sched = run.prepare_round(r)
+            run.method.lr = run.lr_at(r)
+            ctx, sched = upcoming if upcoming is not None else run.schedule_round(r)
             out = run_round(run.method, run.executor, state.gstate, state.cstates, ctx, run.view, sched)
+            # the next round's cohort and schedule are host work: on a GPU they overlap the device's
+            # queued kernels of this round (they depend on the seed, round and config only)
+            upcoming = run.schedule_round(r + 1) if r < run.rounds else None
             synchronize(run.device)  # the round's time includes the device's work
             seconds = time.perf_counter() - t0
             state = state.advance(r, ctx.cohort, out.gstate, out.client_states, out.bytes_up, out.bytes_down,

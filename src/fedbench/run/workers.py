@@ -44,9 +44,10 @@ def start_workers(cfg: DictConfig, run_dir: Path, stop_after: int | None) -> tup
     for p in children:
         p.start()
     _threads(cfg, size)
-    log.info("%d workers share each round's cohort (torch.distributed, %s)", size,
-             "nccl" if device.type == "cuda" else "gloo")
-    return join(0, size, f"tcp://127.0.0.1:{port}", device), children
+    world = join(0, size, f"tcp://127.0.0.1:{port}", device)
+    log.info("%d workers share each round's cohort (torch.distributed %s; rank 0 on %s)", size,
+             torch.distributed.get_backend(), world.device)
+    return world, children
 
 
 def finish_workers(world: World, children: list[Any]) -> None:
