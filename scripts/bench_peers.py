@@ -64,6 +64,43 @@ def pfl_python(venv: Path) -> Path:
     return py
 
 
+def run_plain_torch(data: Path, w: dict, rounds: int, out: Path) -> dict:
+    """The floor of any eager framework, in this process: FedAvg as a plain PyTorch loop (one module,
+    torch.optim.SGD per client, contiguous batches of the client's own tensors, a weighted average);
+    no framework code at all. Same model as the harness's, same cohort sizes."""
+    sys.path.insert(0, str(HARNESS.parent))
+    from pfl_harness import Net
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    blob = np.load(data)
+    x, y, owner = torch.from_numpy(blob["x"]), torch.from_numpy(blob["y"]), blob["owner"]
+    users = {u: (x[owner == u].contiguous(), y[owner == u].contiguous()) for u in range(w["clients"])}
+    torch.manual_seed(0)
+    net = Net(w["model"], tuple(w["shape"]), w["classes"])
+    global_state = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = np.random.default_rng(0)
+    marks = [time.perf_counter()]
+    for _ in range(rounds):
+        total = {k: torch.zeros_like(v) for k, v in global_state.items()}
+        for u in rng.choice(w["clients"], size=w["cohort"], replace=False):
+            net.load_state_dict(global_state)
+            opt = torch.optim.SGD(net.parameters(), lr=w["lr"])
+            xu, yu = users[int(u)]
+            for i in range(0, len(yu), w["batch"]):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(xu[i:i + w["batch"]]), yu[i:i + w["batch"]]).backward()
+                opt.step()
+            for k, v in net.state_dict().items():
+                total[k] += v * (len(yu) / (w["cohort"] * w["per_client"]))
+        global_state = total
+        marks.append(time.perf_counter())
+    rounds_s = np.diff(marks).tolist()
+    steady = statistics.median(rounds_s[1:])
+    return {"round_s": rounds_s, "steady_round_s": steady,
+            "samples_per_s": w["cohort"] * w["per_client"] / steady, "startup_s": 0.0,
+            "threads": torch.get_num_threads(), "processes": 1}
+
+
 def run_pfl(py: Path, data: Path, w: dict, rounds: int, procs: int, out: Path) -> dict:
     result = out / f"pfl-{data.stem}-{procs}.json"
     args = [str(HARNESS), str(data), str(result), "--model", w["model"], "--rounds", str(rounds), "--cohort",
@@ -154,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "peers")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each variant, interleaved; the table "
                     "reports the median run (by samples/s) and the range")
-    ap.add_argument("--frameworks", nargs="+", default=["pfl", "fedbench"], choices=["pfl", "fedbench"])
+    ap.add_argument("--frameworks", nargs="+", default=["pfl", "fedbench", "torch"],
+                    choices=["pfl", "fedbench", "torch"],
+                    help="torch: a plain PyTorch FedAvg loop, the floor of an eager framework (CPU)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: fedbench's device; pfl runs on its own "
                     "default device (CUDA when torch sees one)")
     ap.add_argument("--processes", nargs="+", type=int, default=[1, 2],
@@ -170,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         data = write_data(name, w, work)
         procs_list = a.processes
         variants = [("pfl", "own FedAvg", p, False) for p in procs_list]
+        if a.device == "cpu":
+            variants.append(("torch", "plain loop", 1, False))
         execs = ["batched"] if w["model"] == "logreg" else ["sequential", "batched"]
         variants += [("fedbench", e, p, False) for e in execs for p in procs_list]
         if not a.no_compile:  # compiled steps: faster steady rounds; start-up pays the compilation
@@ -179,8 +220,12 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[tuple, list[dict]] = {v: [] for v in variants}
         for rep in range(a.repeat):
             for framework, executor, procs, compile_ in variants:
-                res = (run_pfl(py, data, w, a.rounds, procs, work) if framework == "pfl"
-                       else run_fedbench(data, w, a.rounds, executor, procs, compile_, work, a.device))
+                if framework == "pfl":
+                    res = run_pfl(py, data, w, a.rounds, procs, work)
+                elif framework == "torch":
+                    res = run_plain_torch(data, w, a.rounds, work)
+                else:
+                    res = run_fedbench(data, w, a.rounds, executor, procs, compile_, work, a.device)
                 runs[(framework, executor, procs, compile_)].append(res)
                 label = executor + (" + compile" if compile_ else "")
                 print(f"{name} [{rep + 1}/{a.repeat}] {framework:8s} {label:18s} x{procs}: "

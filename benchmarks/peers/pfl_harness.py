@@ -12,15 +12,9 @@ import time
 
 import numpy as np
 import torch
-from pfl.aggregate.simulate import SimulatedBackend
-from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-from pfl.callback.base import TrainingProcessCallback
-from pfl.data.dataset import Dataset
-from pfl.data.federated_dataset import FederatedDataset
-from pfl.data.sampling import get_user_sampler
-from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
-from pfl.metrics import Metrics, Weighted
-from pfl.model.pytorch import PyTorchModel
+
+# pfl is imported in the functions that use it: `Net` also serves scripts/bench_peers.py's plain
+# PyTorch loop, in a venv without pfl
 
 
 class Net(torch.nn.Module):
@@ -53,6 +47,8 @@ class Net(torch.nn.Module):
 
     @torch.no_grad()
     def metrics(self, x, y, eval=True):  # noqa: A002
+        from pfl.metrics import Weighted
+
         self.eval()
         logits = self(x)
         n = len(y)
@@ -60,20 +56,34 @@ class Net(torch.nn.Module):
         return {"loss": Weighted(loss, n), "accuracy": Weighted((logits.argmax(1) == y).sum().item(), n)}
 
 
-class Timer(TrainingProcessCallback):
-    def __init__(self):
-        self.marks = []
+def make_timer():
+    from pfl.callback.base import TrainingProcessCallback
+    from pfl.metrics import Metrics
 
-    def on_train_begin(self, *, model):
-        self.marks.append(time.perf_counter())
-        return Metrics()
+    class Timer(TrainingProcessCallback):
+        def __init__(self):
+            self.marks = []
 
-    def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
-        self.marks.append(time.perf_counter())
-        return False, Metrics()
+        def on_train_begin(self, *, model):
+            self.marks.append(time.perf_counter())
+            return Metrics()
+
+        def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
+            self.marks.append(time.perf_counter())
+            return False, Metrics()
+
+    return Timer()
 
 
 def main() -> None:
+    from pfl.aggregate.simulate import SimulatedBackend
+    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+    from pfl.data.dataset import Dataset
+    from pfl.data.federated_dataset import FederatedDataset
+    from pfl.data.sampling import get_user_sampler
+    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+    from pfl.model.pytorch import PyTorchModel
+
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
     ap.add_argument("out")
@@ -107,7 +117,7 @@ def main() -> None:
     model = PyTorchModel(net, local_optimizer_create=torch.optim.SGD,
                          central_optimizer=torch.optim.SGD(net.parameters(), 1.0),
                          use_torch_compile=a.compile)
-    timer = Timer()
+    timer = make_timer()
     FederatedAveraging().run(
         algorithm_params=NNAlgorithmParams(central_num_iterations=a.rounds, evaluation_frequency=a.rounds + 1,
                                            train_cohort_size=a.cohort, val_cohort_size=0),
