@@ -46,7 +46,9 @@ PAPER_METHODS = {
 QUICK = {"deepafl": ["method.T=1", "rounds=3", "method.h=64", "method.f=32"],
          "flops": ["rounds=3", "method.prune_start=1", "local_steps=2"],
          "flops_pa": ["rounds=3", "method.prune_start=1", "local_steps=2"],
-         "fedavg_bf16": ["rounds=1", "local_steps=1"]}  # bfloat16 is emulated (slow) on a CPU
+         # bfloat16 is emulated (slow) on a CPU: a small conv net on 8x8 digits
+         "fedavg_bf16": ["rounds=1", "local_steps=2", "dataset=digits", "backbone=lenet5"],
+         "fedavg_2_ranks": ["rounds=2", "local_steps=2", "dataset=digits", "backbone=lenet5"]}
 QUICK_DEFAULT = ["rounds=2", "local_steps=2"]
 SUMMARY_KEYS = ("status", "executor", "best/val_acc", "final/test_acc", "best/personal_test_acc",
                 "time/total_s", "throughput/samples_per_s", "comm/bytes_total", "sparsity/density")
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     started = time.perf_counter()
-    tests = ["tests/test_device.py"] + ([] if a.quick else ["tests/test_gpu_ready.py"])
+    # quick: the suite runs tests/test_device.py on its own; here one test shows the step works
+    tests = ["tests/test_device.py", "-k", "bfloat16"] if a.quick else \
+        ["tests/test_device.py", "tests/test_gpu_ready.py"]
     step(results, "device tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
          {"FEDBENCH_TEST_DEVICE": a.device})
     paper_runs(results, a.device, a.quick, work)
