@@ -31,6 +31,8 @@ class AFLConfig(AnalyticConfig):
 class AFL(AnalyticMethod):
     name = "afl"
     Config = AFLConfig
+    fusable = True
+    run_keys = ("ridge",)  # the server's solve
 
     def required_rounds(self) -> int:
         return 1

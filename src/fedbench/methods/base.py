@@ -42,6 +42,13 @@ aggregates_by_shares (derived, not set by hand: True for the FedAvg family unles
 generator, so executors agree and a resumed run redraws them), step_size_keys (the config keys that are
 step sizes besides the run's lr: a diverged run names them).
 
+Fused sweeps (hydra/launcher=fused) run the clients of several runs as ONE computation, with each run's
+own server-side method object. `fusable` says a method may be fused; `run_keys` are the config keys that
+may differ between the runs of one fused group (server-side keys need nothing more: each run aggregates
+with its own object); `client_run_keys` (a subset) are keys the client functions read: inside the fused
+client functions they are per-run tensors, like `self.lr`, so they may enter arithmetic only, never a
+Python branch. Every other config key must be equal across a group.
+
 Anything a method carries across rounds lives in the global or client state (checkpointed), never on
 the method object: resume is exact. The round's client learning rate (the run's `lr` on its
 `lr_schedule`) is `self.lr`, set before each round.
@@ -52,7 +59,10 @@ methods/local_sgd.py.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -84,9 +94,26 @@ class Method:
     noise_dim = 0              # > 0: uniform noise of this size per local step in batch["noise"]
     aggregates_by_shares = False  # aggregate == aggregate_shares(uplink_share(whole cohort)); see local_sgd
     step_size_keys: tuple[str, ...] = ()  # config keys that are step sizes (named when a run diverges)
+    fusable = False            # the clients of several runs may run as one computation (fused sweeps)
+    run_keys: tuple[str, ...] = ()         # config keys that may differ inside a fused group
+    client_run_keys: tuple[str, ...] = ()  # those of them the client functions read (per-run tensors)
 
     def __init__(self, config: MethodConfig | None = None):
         self.cfg = config if config is not None else self.Config(name=self.name)
+
+    @contextlib.contextmanager
+    def run_values(self, values: dict[str, Any]) -> Iterator[None]:
+        """Inside fused client functions: the round's lr (`values["lr"]`) and the `client_run_keys` are
+        one run's values (tensors batched over the runs of the group) while the functions run."""
+        saved_lr, saved_cfg = self.lr, self.cfg
+        cfg = copy.copy(self.cfg)
+        for key in self.client_run_keys:
+            object.__setattr__(cfg, key, values[key])  # a frozen dataclass: a copy, then its fields
+        self.lr, self.cfg = values["lr"], cfg
+        try:
+            yield
+        finally:
+            self.lr, self.cfg = saved_lr, saved_cfg
 
     # ---- run set-up -------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module, ctx: RunContext) -> dict[str, Any]:

@@ -7,3 +7,5 @@ from fedbench.registry import register
 @register("method", "fedavg")
 class FedAvg(LocalSGDMethod):
     name = "fedavg"
+    fusable = True
+    run_keys = ("server_lr",)

@@ -9,3 +9,5 @@ from fedbench.registry import register
 class FedPer(PersonalizedMethod):
     name = "fedper"
     shared = "body"
+    fusable = True
+    run_keys = ("server_lr",)

@@ -21,6 +21,9 @@ class FedProxConfig(LocalSGDConfig):
 class FedProx(LocalSGDMethod):
     name = "fedprox"
     Config = FedProxConfig
+    fusable = True
+    run_keys = ("server_lr", "mu")
+    client_run_keys = ("mu",)
 
     def correct_grad(self, g: Tensors, local: dict[str, Any], down: dict[str, Any]) -> Tensors:
         mu = self.cfg.mu

@@ -37,6 +37,8 @@ class FedRepConfig(LocalSGDConfig):
 class FedRep(PersonalizedMethod):
     name = "fedrep"
     Config = FedRepConfig
+    fusable = True
+    run_keys = ("server_lr",)
     shared = "body"
     needs_progress = True
 

@@ -111,6 +111,11 @@ class FLoPSPAConfig(GatedConfig):
 class GatedMethod(Method):
     """Shared state and server logic of FLoPS and FLoPS-PA."""
 
+    fusable = True
+    # the server's (each run its own); the clients read only the broadcast and the lr
+    run_keys = ("target_density", "prune_start", "eta_phi", "eta_lambda", "scale_factor", "decay",
+                "project_margin", "rho_init", "log_alpha_init_std", "gate_seed")
+
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
         check_prune_start(self.cfg.prune_start, ctx.total_rounds)
@@ -200,6 +205,7 @@ class FLoPS(GatedMethod):
     name = "flops"
     Config = FLoPSConfig
     step_size_keys = ("eta_theta", "eta_phi", "eta_lambda")
+    run_keys = (*GatedMethod.run_keys, "eta_theta", "lr_decay")
 
     def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         return Payload({"params": gstate["params"], "buffers": gstate["buffers"], "la": gstate["la"]})
@@ -244,6 +250,8 @@ class FLoPSPA(GatedMethod):
     name = "flops_pa"
     Config = FLoPSPAConfig
     step_size_keys = ("eta_phi", "eta_phi_local", "eta_lambda")
+    run_keys = (*GatedMethod.run_keys, "eta_phi_local")
+    client_run_keys = ("eta_phi_local",)
 
     def active(self, la: torch.Tensor) -> torch.Tensor:
         return deterministic_gate(la) > 0

@@ -32,6 +32,8 @@ class TopMConfig(LocalSGDConfig, SparsityConfig):
 
 class TopMMethod(LocalSGDMethod):
     Config = TopMConfig
+    fusable = True
+    run_keys = ("server_lr", "target_density", "prune_start")
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
@@ -74,6 +76,7 @@ class FedHT(TopMMethod):
 @register("method", "fediterht")
 class FedIterHT(FedHT):
     name = "fediterht"
+    run_keys = ("server_lr", "prune_start")  # clients threshold to the run's m: not per run
 
     def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         params = self.threshold(local["params"])

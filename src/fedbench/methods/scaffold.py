@@ -36,6 +36,8 @@ class ScaffoldConfig(LocalSGDConfig):
 class Scaffold(LocalSGDMethod):
     name = "scaffold"
     Config = ScaffoldConfig
+    fusable = True
+    run_keys = ("server_lr",)
 
     def init_global(self, params: Tensors, buffers: Tensors) -> dict[str, Any]:
         state = super().init_global(params, buffers)

@@ -66,6 +66,7 @@ class Run:
     lr_schedule: LrSchedule = LrSchedule()  # the client lr of each round
     created: float = dataclasses.field(default_factory=time.perf_counter)  # when the run began (start-up)
     startup_s: float = 0.0         # data, model, warm start, sinks: before the first round of this process
+    fused_runs: int = 1            # runs whose clients computed together with this one's (fused sweeps)
 
     @property
     def rounds(self) -> int:

@@ -15,7 +15,7 @@ from fedbench.engine.functional import tree_index
 from fedbench.engine.protocol import RoundContext
 from fedbench.errors import ConfigError, DivergedError, Preempted
 from fedbench.metrics import names
-from fedbench.metrics.comm import payload_bytes
+from fedbench.metrics.comm import Payload, payload_bytes
 
 if TYPE_CHECKING:
     from fedbench.engine.executors import Executor, RoundResult
@@ -43,6 +43,13 @@ def run_round(method: Method, executor: Executor, gstate: dict[str, Any], cstate
     down = method.broadcast(gstate, ctx)
     res = executor.run(method.client_fns(ctx), down.tensors, tree_index(cstates, ctx.cohort), ctx.cohort, view,
                        sched)
+    return close_round(method, gstate, down, res, ctx)
+
+
+def close_round(method: Method, gstate: dict[str, Any], down: Payload, res: RoundResult,
+                ctx: RoundContext) -> RoundOutput:
+    """The server's half of a round, after the clients' results (`res`) arrived: aggregate, then the
+    server's change to the cohort's client states; bytes counted from the real payloads."""
     new_gstate, metrics, bytes_up, up = server_step(method, gstate, res, ctx)
     bytes_down = payload_bytes(down) * len(ctx.cohort)
     client_states = res.client_states
@@ -74,30 +81,21 @@ def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
     """Rounds state.round + 1 .. R; returns the summary. A callback asking to stop ends the run after the
     round (on every rank alike); `on_end` learns why the run ended."""
     from fedbench.run.callbacks import RunEnd
-    from fedbench.run.summary import summarise
 
-    state, end = run.state, RunEnd()
-    for cb in callbacks:
-        if cb.name in state.callbacks:
-            cb.load_state_dict(state.callbacks[cb.name])
-        cb.on_start(run, state)
-        state.callbacks[cb.name] = cb.state_dict()
-    run.startup_s = time.perf_counter() - run.created
+    start_run(run, callbacks)
+    end = RunEnd()
     try:
         upcoming = None
-        for r in range(state.round + 1, run.rounds + 1):
+        for r in range(run.state.round + 1, run.rounds + 1):
             t0 = time.perf_counter()
             run.method.lr = run.lr_at(r)
             ctx, sched = upcoming if upcoming is not None else run.schedule_round(r)
-            out = run_round(run.method, run.executor, state.gstate, state.cstates, ctx, run.view, sched)
+            out = run_round(run.method, run.executor, run.state.gstate, run.state.cstates, ctx, run.view, sched)
             # the next round's cohort and schedule are host work: on a GPU they overlap the device's
             # queued kernels of this round (they depend on the seed, round and config only)
             upcoming = run.schedule_round(r + 1) if r < run.rounds else None
             synchronize(run.device)  # the round's time includes the device's work
-            seconds = time.perf_counter() - t0
-            state = state.advance(r, ctx.cohort, out.gstate, out.client_states, out.bytes_up, out.bytes_down,
-                                  out.samples, seconds)
-            stopper = after_round(run, state, callbacks, round_row(run, state, out, seconds))
+            stopper = finish_round(run, callbacks, ctx, out, time.perf_counter() - t0)
             if run.world.any(stopper is not None):  # rank 0 alone may evaluate: every rank stops with it
                 end = RunEnd("completed", *(stopper or ("another rank", None)))
                 break
@@ -105,9 +103,37 @@ def run_rounds(run: Run, callbacks: Sequence[Callback]) -> dict[str, Any]:
         end = RunEnd(status_of(e), reason=one_line(e))
         raise
     finally:
-        summary = summarise(run, state, end, callbacks)
-        for cb in callbacks:
-            cb.on_end(run, state, summary, end)
+        summary = end_run(run, end, callbacks)
+    return summary
+
+
+def start_run(run: Run, callbacks: Sequence[Callback]) -> None:
+    """The callbacks start (with their checkpointed state on a resume); start-up time ends here."""
+    state = run.state
+    for cb in callbacks:
+        if cb.name in state.callbacks:
+            cb.load_state_dict(state.callbacks[cb.name])
+        cb.on_start(run, state)
+        state.callbacks[cb.name] = cb.state_dict()
+    run.startup_s = time.perf_counter() - run.created
+
+
+def finish_round(run: Run, callbacks: Sequence[Callback], ctx: RoundContext, out: RoundOutput,
+                 seconds: float) -> tuple[str, str] | None:
+    """The state after the round, then the callbacks (evaluation, sinks, checkpoint); returns the
+    (callback, reason) that asks to stop, or None. A callback may raise (divergence, preemption)."""
+    run.state = run.state.advance(ctx.round, ctx.cohort, out.gstate, out.client_states, out.bytes_up,
+                                  out.bytes_down, out.samples, seconds)
+    return after_round(run, run.state, callbacks, round_row(run, run.state, out, seconds))
+
+
+def end_run(run: Run, end: Any, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    """The summary of a run that ended (`end`: RunEnd), handed to every callback's `on_end`."""
+    from fedbench.run.summary import summarise
+
+    summary = summarise(run, run.state, end, callbacks)
+    for cb in callbacks:
+        cb.on_end(run, run.state, summary, end)
     return summary
 
 

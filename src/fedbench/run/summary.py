@@ -51,7 +51,7 @@ def summarise(run: Run, state: RunState, end: RunEnd, callbacks: Sequence[Callba
         "rounds": run.rounds,
         "rounds_done": state.round,
         "n_params": sum(v.numel() for v in run.method.model_tensors(state.gstate).values()),
-        "executor": run.executor.name, "device": str(run.device),
+        "executor": run.executor.name, "device": str(run.device), "fused_runs": run.fused_runs,
         "run_dir": str(run.run_dir),
     })
     for k in (names.ROUND_S, names.BYTES_UP, names.BYTES_DOWN):  # per-round figures: the totals say more
