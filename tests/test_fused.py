@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg
+from conftest import TINY, compose_cfg, run_cli
 from fedbench.experiment import run_experiment
 from fedbench.run.fused import open_run, run_group
 
@@ -27,7 +32,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     flat: dict[str, torch.Tensor] = {}
 
     def walk(prefix: str, tree: object) -> None:
@@ -108,3 +113,95 @@ def test_fused_personalized_method(tmp_path: Path) -> None:
              f"lr={lr}"]
             for seed, lr in ((0, 0.05), (1, 0.1), (2, 0.2))]
     check_fused_equals_separate(jobs, tmp_path)
+
+
+UNSTABLE = ["dataset=synthetic_linear", "dataset.d=20", "dataset.n=400", "backbone=logreg", "clients=4",
+            "rounds=6", "logger=local", "progress=false", "hardware=cpu", "hardware.dtype=float64"]
+
+
+def test_a_diverged_job_leaves_its_fused_group_and_the_others_match_separate_runs(tmp_path: Path) -> None:
+    from fedbench.report import report
+
+    sweep = ["--multirun", *UNSTABLE, "lr=1e8,0.01", "seed=0,1"]
+    fused = run_cli([*sweep, "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path / 'fused'}"], tmp_path)
+    assert fused.returncode == 1 and "2 completed, 2 diverged" in fused.stderr, fused.stderr[-2000:]
+    assert "fused launcher: 4 jobs in 1 group(s)" in fused.stdout + fused.stderr
+    basic = run_cli([*sweep, f"hydra.sweep.dir={tmp_path / 'basic'}"], tmp_path)
+    assert basic.returncode == 1
+    for i in range(4):
+        a = json.loads((tmp_path / "fused" / str(i) / "summary.json").read_text())
+        b = json.loads((tmp_path / "basic" / str(i) / "summary.json").read_text())
+        assert a["status"] == b["status"] and a["fused_runs"] == 4
+        if a["status"] == "completed":
+            assert_close_rows(rows(tmp_path / "fused" / str(i)), rows(tmp_path / "basic" / str(i)))
+        else:
+            assert "training loss is" in a["reason"]
+    res = report(tmp_path / "fused", tmp_path / "out")
+    agg = res["summary"].set_index("lr")
+    assert agg.loc["100000000.0", "runs ok"] == "0/2" and agg.loc["0.01", "runs ok"] == "2/2"
+
+
+def test_sigterm_stops_a_fused_group_and_the_same_command_resumes_every_job_exactly(tmp_path: Path) -> None:
+    jobs = [*TINY, "rounds=40", "eval_every=20", "checkpoint_every=20", "hardware.dtype=float64",
+            "hardware.executor=batched",
+            "seed=0,1", "lr=0.05,0.1"]
+    cmd = [sys.executable, "-m", "fedbench", "--multirun", *jobs, "hydra/launcher=fused"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([*cmd, f"hydra.sweep.dir={stopped}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (stopped / "3" / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err[-2000:]
+    states = [json.loads((stopped / str(i) / "summary.json").read_text()) for i in range(4)]
+    assert {s["status"] for s in states} == {"preempted"} and all(s["rounds_done"] < 40 for s in states)
+    again = subprocess.run([*cmd, f"hydra.sweep.dir={stopped}"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "4 completed" in again.stderr, again.stderr[-2000:]
+    whole = run_cli(["--multirun", *jobs, "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path / 'whole'}"],
+                    tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for i in range(4):
+        a, b = final_tensors(stopped / str(i)), final_tensors(tmp_path / "whole" / str(i))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert rows(stopped / str(i))[-1] == rows(tmp_path / "whole" / str(i))[-1]
+
+
+def test_plan_groups_fuses_what_may_differ_and_says_why_a_job_runs_alone() -> None:
+    from fedbench.run.fused_sweep import plan_groups
+
+    base = [*TINY, "method=fedavg"]
+    cfgs = [compose_cfg([*base, "seed=0", "lr=0.1"]), compose_cfg([*base, "seed=1", "partition.alpha=0.1"]),
+            compose_cfg([*base, "batch_size=32"]), compose_cfg([*base, "method=ditto"]),
+            compose_cfg([*base, "method=fediterht", "method.target_density=0.1"]),
+            compose_cfg([*base, "method=fediterht", "method.target_density=0.2"]),
+            compose_cfg([*base, "method=fedprox", "method.mu=0.1"]),
+            compose_cfg([*base, "method=fedprox", "method.mu=1.0"])]
+    plan = plan_groups(cfgs, max_fused=64)
+    groups = {tuple(g): why for g, why in plan}
+    assert groups[(0, 1)] is None and groups[(6, 7)] is None
+    assert "batch_size" in groups[(2,)]
+    assert "does not declare itself fusable" in groups[(3,)]
+    assert "method.target_density" in groups[(4,)] and "method.target_density" in groups[(5,)]
+    assert [g for g, _ in plan_groups(cfgs[:2] + cfgs[6:], max_fused=1)] == [[0], [1], [2], [3]]
+
+
+def test_shared_composition_gives_hydras_own_configs() -> None:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from fedbench.composition import shared_composition
+
+    jobs = [["+experiment=flops_synthetic_logistic", f"seed={s}", f"method.target_density={d}"]
+            for s in (0, 1) for d in (0.05, 0.1)]
+    jobs += [["method=scaffold", "partition=iid", "lr=0.2"], ["method=fedper", "+callbacks=[early_stop]"],
+             ["hydra/launcher=fused", "seed=3"]]
+    with initialize_config_module(config_module="fedbench.conf", version_base="1.3"):
+        plain = [OmegaConf.to_yaml(compose("config", overrides=j, return_hydra_config=True)) for j in jobs]
+        with shared_composition():
+            shared = [OmegaConf.to_yaml(compose("config", overrides=j, return_hydra_config=True)) for j in jobs]
+            again = [OmegaConf.to_yaml(compose("config", overrides=j, return_hydra_config=True)) for j in jobs]
+    assert shared == plain and again == plain

@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fedbench.composition import shared_composition
 from fedbench.metrics import names
 from fedbench.preflight import GROUPS, PREFLIGHT_JOBS, available, check_group_overrides, missing_sweeper, preflight
 
@@ -67,9 +68,11 @@ def register_plugins() -> None:
     `hydra_plugins` namespace, which an editable install does not expose to its scan: register them."""
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.fedbench_launcher.fused import FusedLauncher
     from hydra_plugins.fedbench_launcher.slurm import FedbenchSlurmLauncher
 
     Plugins.instance().register(FedbenchSlurmLauncher)
+    Plugins.instance().register(FusedLauncher)
 
 
 def disk_error(e: BaseException) -> str | None:
@@ -96,14 +99,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     summary.json (status + reason) and returns, so the launcher (SLURM included) always gets a result."""
     from fedbench.errors import ConfigError, DivergedError, Preempted, RunDirBusy
     from fedbench.experiment import format_summary, run_experiment
-    from fedbench.run.loop import one_line
     from fedbench.sweep import record_failure
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    sweep_group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    if sweep_group is not None:
-        sweep_group = f"sweep-{Path(hc.sweep.dir).parent.name}-{sweep_group}"
+    sweep_group = sweep_group_name(Path(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else None
     install_stop_handler()
     share_cores_with_parallel_jobs(cfg, hc)
     try:
@@ -113,27 +113,57 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except RunDirBusy as e:  # the dir belongs to another run: touch nothing in it
         if sweep_group is None:
             _fail(str(e), EXIT_CONFIG)
-        print(f"fedbench: job {hc.job.num}: {e}", file=sys.stderr)
-        return None
+        return sweep_job_failed(run_dir, hc.job.num, e)
     except Exception as e:
-        status = "diverged" if isinstance(e, DivergedError) else "failed"
+        if sweep_group is not None:
+            return sweep_job_failed(run_dir, hc.job.num, e)
         disk = disk_error(e)
-        if sweep_group is None and not isinstance(e, (ConfigError, DivergedError)) and disk is None:
+        if not isinstance(e, (ConfigError, DivergedError)) and disk is None:
             raise  # a bug in a single run: the traceback helps
-        reason = disk or (str(e) if isinstance(e, (ConfigError, DivergedError)) else one_line(e))
+        status, reason = failure_of(e)
         try:
             record_failure(run_dir, status, reason)
         except OSError:  # the disk that failed may be the run dir's: the line below still says why
             pass
-        if sweep_group is None:
-            _fail(reason, EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED if status == "diverged"
-                  else EXIT_SWEEP_FAILED)
-        print(f"fedbench: job {hc.job.num} {status}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
-        return float("nan")  # a tuning sweeper (Optuna) records the trial as failed
+        _fail(reason, EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_DIVERGED if status == "diverged"
+              else EXIT_SWEEP_FAILED)
     if summary:  # ranks > 0 of a multi-process run return nothing: rank 0 reports
         print(format_summary(summary))
     return objective(summary)
+
+
+def sweep_group_name(sweep_dir: Path) -> str:
+    """The W&B group of a sweep's jobs: its date and time dirs."""
+    return f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
+
+
+def failure_of(e: Exception) -> tuple[str, str]:
+    """(status, one-line reason) of a job that ended with `e`."""
+    from fedbench.errors import ConfigError, DivergedError
+    from fedbench.run.loop import one_line
+
+    status = "diverged" if isinstance(e, DivergedError) else "failed"
+    reason = disk_error(e) or (str(e) if isinstance(e, (ConfigError, DivergedError)) else one_line(e))
+    return status, reason
+
+
+def sweep_job_failed(run_dir: Path, job_num: int, e: Exception) -> float | None:
+    """A sweep job that did not complete never stops the sweep: its summary.json says how it ended, one
+    line says so here; returns what a tuning sweeper gets (NaN: a failed trial; None: not this run's)."""
+    from fedbench.errors import RunDirBusy
+    from fedbench.sweep import record_failure
+
+    if isinstance(e, RunDirBusy):  # the dir belongs to another run: touch nothing in it
+        print(f"fedbench: job {job_num}: {e}", file=sys.stderr)
+        return None
+    status, reason = failure_of(e)
+    try:
+        record_failure(run_dir, status, reason)
+    except OSError:  # the disk that failed may be the run dir's: the line below still says why
+        pass
+    print(f"fedbench: job {job_num} {status}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+          file=sys.stderr)
+    return float("nan")  # a tuning sweeper (Optuna) records the trial as failed
 
 
 def objective(summary: dict) -> float:
@@ -148,11 +178,12 @@ def objective(summary: dict) -> float:
 def main() -> None:
     logging.getLogger("fedbench").setLevel(logging.INFO)
     argv = sys.argv[1:]
-    msg = check_group_overrides(argv) or missing_sweeper(argv) or preflight(argv)
-    if msg:
-        _fail(msg, EXIT_CONFIG)
-    register_plugins()
-    _hydra_main()
+    with shared_composition():  # every job of a sweep is composed several times: Hydra's files read once
+        msg = check_group_overrides(argv) or missing_sweeper(argv) or preflight(argv)
+        if msg:
+            _fail(msg, EXIT_CONFIG)
+        register_plugins()
+        _hydra_main()
     if any(a in ("-m", "--multirun") for a in argv):
         from fedbench.sweep import SweepAccount, account
 

@@ -258,6 +258,7 @@ def _preflight(argv: list[str], multirun: bool) -> str | None:
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
+    from fedbench.composition import shared_composition
     from fedbench.run.build import dry_build
     from fedbench.run.launchers import check_hydra_config
     from fedbench.run.state import fingerprint
@@ -268,7 +269,7 @@ def _preflight(argv: list[str], multirun: bool) -> str | None:
     msg = _sweeper_params(overrides)
     if msg:
         return msg
-    with initialize_config_module(config_module="fedbench.conf", version_base="1.3"):
+    with initialize_config_module(config_module="fedbench.conf", version_base="1.3"), shared_composition():
         try:
             jobs = expand(overrides, multirun, sweeper)
         except HydraException as e:

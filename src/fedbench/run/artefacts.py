@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from fedbench.data.partitions import Partition
 from fedbench.tracking.files import write_json
 
 log = logging.getLogger("fedbench")
+_HEATMAPS: dict[str, Path] = {}  # partition heatmaps drawn by this process, by content
 
 
 def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_classes: int,
@@ -26,6 +29,13 @@ def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_clas
         "test_sizes": [len(t) for t in part.test],
         "stats": stats,
     })
+    # jobs of one sweep often share a partition (they differ in lr or a method's key): drawn once
+    key = hashlib.sha1(counts.tobytes() + repr((counts.shape, str(cfg.partition.name),
+                                                 round(stats["label_entropy_mean"], 6))).encode()).hexdigest()
+    drawn = _HEATMAPS.get(key)
+    if drawn is not None and drawn.exists():
+        shutil.copyfile(drawn, run_dir / "partition.png")
+        return
     try:
         import matplotlib
 
@@ -45,5 +55,6 @@ def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_clas
         fig.tight_layout()
         fig.savefig(run_dir / "partition.png", dpi=110)
         plt.close(fig)
+        _HEATMAPS[key] = run_dir / "partition.png"
     except Exception as e:  # noqa: BLE001 - a plot must never stop a run
         log.warning("partition heatmap not written: %s", e)
