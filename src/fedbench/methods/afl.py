@@ -62,6 +62,8 @@ class AFL(AnalyticMethod):
         s = self.aggregate_sums(up)
         return {"W": ridge_solve(s["gram"], s["rhs"], 0.0 if self.cfg.ri else self.cfg.ridge)}, {}
 
+    predicts_with_backbone = False  # its own predict
+
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1).to(self.stats_dtype) @ gstate["W"]
 

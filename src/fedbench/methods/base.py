@@ -95,6 +95,8 @@ class Method:
     aggregates_by_shares = False  # aggregate == aggregate_shares(uplink_share(whole cohort)); see local_sgd
     step_size_keys: tuple[str, ...] = ()  # config keys that are step sizes (named when a run diverges)
     fusable = False            # the clients of several runs may run as one computation (fused sweeps)
+    predicts_with_backbone = True  # predict(gstate, x) is the backbone on eval_state(gstate) (fused
+    #                                sweeps evaluate such runs' models in one batched pass)
     run_keys: tuple[str, ...] = ()         # config keys that may differ inside a fused group
     client_run_keys: tuple[str, ...] = ()  # those of them the client functions read (per-run tensors)
 

@@ -140,6 +140,8 @@ class DeepAFL(AnalyticMethod):
     def should_evaluate(self, round_: int, due: bool) -> bool:
         return self.phase_of(round_)[0] == "classifier"  # a new classifier exists only after these
 
+    predicts_with_backbone = False  # its own predict
+
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         n = gstate["layer"]
         return self.features(gstate["maps"], gstate["Omega"], x, n) @ gstate["W"][n]

@@ -79,6 +79,8 @@ class FedSQ(LocalSGDMethod):
                        ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
         return new, {"fedsq/n_gates": len(self.gates)}
 
+    predicts_with_backbone = False  # its own predict
+
     def predict(self, gstate: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         was = self.model.training
         self.model.eval()

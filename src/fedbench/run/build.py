@@ -67,6 +67,8 @@ class Run:
     created: float = dataclasses.field(default_factory=time.perf_counter)  # when the run began (start-up)
     startup_s: float = 0.0         # data, model, warm start, sinks: before the first round of this process
     fused_runs: int = 1            # runs whose clients computed together with this one's (fused sweeps)
+    # (round, (val, test) metrics of the global model) when a fused group evaluated it with its peers
+    evaluated: tuple[int, tuple[dict, dict]] | None = None
 
     @property
     def rounds(self) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from fedbench.data.partitions import Partition
-from fedbench.engine.functional import tree_index, tree_stack
+from fedbench.engine.functional import per_sample_loss, tree_index, tree_stack
 from fedbench.metrics import names
 from fedbench.metrics.evaluate import evaluate_fn
 from fedbench.metrics.sparsity import density, feature_support, support_scores
@@ -32,6 +32,56 @@ def evaluate_global(method: Method, gstate: dict[str, Any], dataset: Any) -> tup
 
     return tuple(evaluate_fn(forward, x, y, dataset.task)
                  for x, y in ((dataset.x_val, dataset.y_val), (dataset.x_test, dataset.y_test)))
+
+
+def evaluate_global_runs(methods: list[Method], gstates: list[dict[str, Any]], dataset: Any,
+                         batch: int = 2048) -> list[tuple[dict, dict]]:
+    """`evaluate_global` of several runs of one backbone on one dataset in one pass over the data: their
+    models (each method's `eval_state`) stacked and the backbone mapped over them with vmap. For
+    methods that `predicts_with_backbone`; the same figures as one run at a time (fused sweeps)."""
+    states = [m.eval_state(g) for m, g in zip(methods, gstates, strict=True)]
+    params, buffers = tree_stack([s[0] for s in states]), tree_stack([s[1] for s in states])
+    model, task, n_runs = methods[0].model, dataset.task, len(methods)
+    was_training = model.training
+    model.eval()
+    try:
+        per_split = []
+        for x, y in ((dataset.x_val, dataset.y_val), (dataset.x_test, dataset.y_test)):
+            per_split.append(_evaluate_runs(model, params, buffers, x, y, task, n_runs, batch))
+    finally:
+        model.train(was_training)
+    return list(zip(*per_split, strict=True))
+
+
+@torch.no_grad()
+def _evaluate_runs(model: torch.nn.Module, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor,
+                   task: str, n_runs: int, batch: int) -> list[dict[str, float]]:
+    """metrics.evaluate.evaluate_fn for n_runs stacked models: the same chunks, sums and formulas."""
+    n = len(y)
+    if n == 0:
+        return [{} for _ in range(n_runs)]
+    losses, correct = [0.0] * n_runs, [0] * n_runs
+    forward = vmap(lambda p, b, xb: functional_call(model, (p, b), (xb,)), in_dims=(0, 0, None))
+    for i in range(0, n, batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        out = forward(params, buffers, xb).float()           # [R, b, ...]
+        flat = out.reshape(n_runs * len(yb), *out.shape[2:])
+        loss = per_sample_loss(flat, yb.repeat(n_runs), task).view(n_runs, -1).sum(-1).tolist()
+        losses = [a + b for a, b in zip(losses, loss, strict=True)]
+        if task == "classification":
+            hits = (out.argmax(-1) == yb).sum(-1).tolist()
+            correct = [a + b for a, b in zip(correct, hits, strict=True)]
+    if task == "regression":
+        var = float(((y - y.mean()) ** 2).mean())
+        return [{"mse": s / n, "r2": 1.0 - (s / n) / var if var > 0 else float("nan"), "loss": s / n}
+                for s in losses]
+    return [{"acc": c / n, "loss": s / n} for c, s in zip(correct, losses, strict=True)]
+
+
+def global_eval_due(run: Run, round_: int) -> bool:
+    """Is the global model evaluated after this round (eval_every, the last round, the method's say)?"""
+    due = round_ % int(run.cfg.eval_every) == 0 or round_ == run.rounds
+    return run.method.has_global_model and run.method.should_evaluate(round_, due)
 
 
 def evaluate_personal(method: Method, gstate: dict[str, Any], cstates: dict[str, Any],
@@ -174,7 +224,10 @@ class EvaluationCallback(Callback):
         return False, out
 
     def global_metrics(self, run: Run, state: RunState) -> dict[str, Any]:
-        val, test = evaluate_global(run.method, state.gstate, run.dataset)
+        if run.evaluated is not None and run.evaluated[0] == state.round:  # by its fused group
+            val, test = run.evaluated[1]
+        else:
+            val, test = evaluate_global(run.method, state.gstate, run.dataset)
         out = {names.global_metric(split, k): v for split, d in (("val", val), ("test", test)) for k, v in d.items()}
         out.update(sparsity_metrics(run.method, state.gstate, run.dataset))
         task = run.dataset.task

@@ -23,6 +23,7 @@ from fedbench.engine.fused import RunRound, run_fused_clients, run_values
 from fedbench.errors import Preempted
 from fedbench.run.build import Run, build_run
 from fedbench.run.callbacks import Callback, RunEnd, build_callbacks
+from fedbench.run.evaluation import evaluate_global_runs, global_eval_due
 from fedbench.run.lock import run_dir_lock
 from fedbench.run.loop import (
     RoundOutput,
@@ -119,6 +120,21 @@ def run_group(runs: list[Run], callbacks: list[list[Callback]] | None = None) ->
     return [outcomes[i] for i in range(len(runs))]
 
 
+def _evaluate_together(runs: list[Run], members: list[int], outs: list[Any], r: int) -> None:
+    """The global models of the members due for evaluation, in one batched pass over the data; each
+    run's evaluation callback then takes its own figures (`Run.evaluated`)."""
+    due = [(runs[i], out) for i, out in zip(members, outs, strict=True)
+           if not isinstance(out, Exception) and global_eval_due(runs[i], r)]
+    method = runs[members[0]].method
+    dataset = runs[members[0]].dataset
+    if len(due) < 2 or not (method.uses_backbone and method.predicts_with_backbone) or \
+            not all(run.dataset.x_val is dataset.x_val and run.dataset.x_test is dataset.x_test for run, _ in due):
+        return
+    figures = evaluate_global_runs([run.method for run, _ in due], [out.gstate for _, out in due], dataset)
+    for (run, _), pair in zip(due, figures, strict=True):
+        run.evaluated = (r, pair)
+
+
 def _end(run: Run, callbacks: Sequence[Callback], error: BaseException) -> Outcome:
     end = RunEnd(status_of(error), reason=one_line(error))
     try:
@@ -157,6 +173,8 @@ def _round(runs: list[Run], callbacks: list[list[Callback]], members: list[int],
             outs.append(server(k))
         except Exception as e:  # noqa: BLE001 - this run's own step failed: it alone leaves the group
             outs.append(e)
+    if fused:
+        _evaluate_together(runs, members, outs, r)
     synchronize(runs[members[0]].device)
     seconds = (time.perf_counter() - t0) / len(members)  # the group's round time, shared equally
     ended: dict[int, Outcome] = {}
