@@ -7,6 +7,8 @@
 3. `fedbench-bench --device DEVICE` (every executor on the fixed workloads);
 4. the peer benchmark's W3 (pfl-research's CIFAR-10 shape with its simple_cnn) on DEVICE: fedbench, and
    pfl when a venv with pfl is at .venv-pfl (the check never installs anything).
+5. (not --quick) fused sweeps on DEVICE: the FLoPS 16-job and CNN 16-job sweeps and a 64-job one,
+   hydra/launcher=fused vs the basic launcher (fedbench.bench_sweep; JSON next to the others).
 
 Writes benchmarks/results/gpu_check-<device>-<time>.json (and the bench JSON next to it); exit 1 when a
 step failed.
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     peer_json = sorted((work / "peers").glob("peers-*.json"))
     if peer_json:
         results[-1]["results"] = json.loads(peer_json[-1].read_text())["results"]
+    if not a.quick:
+        step(results, "fused sweeps", [PY, "-m", "fedbench.bench_sweep", "--device", a.device, "--out", str(a.out),
+                                       "--sweeps", "flops_logistic", "cnn_mnist5k", "flops_logistic_64"])
     meta = {"time": stamp, "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "quick": a.quick, "total_s": round(time.perf_counter() - started, 1),
             "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -4,6 +4,7 @@ data and the same batch schedule. See the README, Performance.
 
     fedbench-bench                       # CPU, all workloads, writes benchmarks/results/<device>-<time>.json
     fedbench-bench --device cuda --workloads cnn cifar_pfl
+    fedbench-bench --sweeps flops_logistic cnn_mnist5k   # whole sweeps: fused vs basic launcher
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedbench.bench_sweep import LAUNCHERS, SWEEPS
+from fedbench.bench_sweep import run as run_sweeps
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
 from fedbench.data.partitions import IidConfig, iid
 from fedbench.engine.executors import BatchedExecutor, Executor, SequentialExecutor, resolve_memory_format
@@ -268,7 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--sweeps", nargs="+", default=None, choices=sorted(SWEEPS),
+                    help="instead: whole sweeps, hydra/launcher=fused vs the basic launcher (fedbench.bench_sweep; "
+                         "writes benchmarks/sweeps/)")
+    ap.add_argument("--launchers", nargs="+", default=["basic", "fused"], choices=LAUNCHERS)
     a = ap.parse_args(argv)
+    if a.sweeps:
+        run_sweeps(a.sweeps, a.device, a.launchers, Path("benchmarks/sweeps"))
+        return
     run(a.workloads, a.device, a.variants, a.rounds, a.threads, a.out, a.chunk_size)
 
 
