@@ -4,13 +4,16 @@ file and re-merges the whole defaults list (~0.25 s a job here). Within `shared_
 config loader keeps, for the command, its YAML cache and the merged config of each distinct defaults
 list; everything else (resolving the defaults list, applying the command-line overrides on top, the
 hydra node) is Hydra's own code, run per job as always. Jobs that differ only in values (seed=0,1,2
-lr=...) then cost a copy and their overrides; the configs are equal to Hydra's uncached ones (tested).
+lr=...) then cost a copy and their overrides, and a job composed again (Hydra's sweeper validates every
+job before the launcher composes it) costs a copy; the configs are equal to Hydra's uncached ones
+(tested).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 
 _ORIGINAL = (ConfigLoaderImpl._parse_overrides_and_create_caching_repo,
-             ConfigLoaderImpl._compose_config_from_defaults_list)
+             ConfigLoaderImpl._compose_config_from_defaults_list,
+             ConfigLoaderImpl._load_configuration_impl)
 
 
 class _SharedFiles(CachingConfigRepository):
@@ -46,7 +50,8 @@ def shared_composition() -> Iterator[None]:
     if ConfigLoaderImpl._parse_overrides_and_create_caching_repo is not _ORIGINAL[0]:
         yield
         return
-    original_repo, original_merge = _ORIGINAL
+    original_repo, original_merge, original_load = _ORIGINAL
+    composed: dict[tuple[Any, ...], DictConfig] = {}
     sources: dict[tuple[Any, ...], tuple[Any, Any, dict[str, Any]]] = {}
     merged: dict[tuple[Any, ...], DictConfig] = {}
 
@@ -64,10 +69,22 @@ def shared_composition() -> Iterator[None]:
             merged[key] = original_merge(self, defaults=defaults, repo=repo)
         return copy.deepcopy(merged[key])
 
+    def cached_load(self: ConfigLoaderImpl, config_name: str | None, overrides: list[str], run_mode: Any,
+                    from_shell: bool = True, validate_sweep_overrides: bool = True) -> DictConfig:
+        # the same job composed again (Hydra's sweeper validates each job, then the launcher composes it)
+        key = (id(self), config_name, tuple(overrides), run_mode, from_shell, validate_sweep_overrides,
+               os.getcwd())
+        if key not in composed:
+            composed[key] = original_load(self, config_name, overrides, run_mode, from_shell,
+                                          validate_sweep_overrides)
+        return copy.deepcopy(composed[key])
+
     ConfigLoaderImpl._parse_overrides_and_create_caching_repo = shared_repo
     ConfigLoaderImpl._compose_config_from_defaults_list = cached_merge
+    ConfigLoaderImpl._load_configuration_impl = cached_load
     try:
         yield
     finally:
         (ConfigLoaderImpl._parse_overrides_and_create_caching_repo,
-         ConfigLoaderImpl._compose_config_from_defaults_list) = _ORIGINAL
+         ConfigLoaderImpl._compose_config_from_defaults_list,
+         ConfigLoaderImpl._load_configuration_impl) = _ORIGINAL

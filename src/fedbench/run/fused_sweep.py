@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +130,11 @@ class FusedSweepLauncher(Launcher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         install_stop_handler()
         reuse_large_allocations()
+        started = time.perf_counter()
         jobs = self._prepare(job_overrides, initial_job_idx)
         plan = plan_groups([j.cfg for j in jobs], self.max_fused)
-        log.info("fused launcher: %d jobs in %d group(s): %s", len(jobs), len(plan),
-                 ", ".join(f"{len(g)}" for g, _ in plan))
+        log.info("fused launcher: %d jobs in %d group(s): %s (prepared in %.1f s)", len(jobs), len(plan),
+                 ", ".join(f"{len(g)}" for g, _ in plan), time.perf_counter() - started)
         group_name = sweep_group_name(sweep_dir)
         for members, why in plan:
             if why is not None:
@@ -202,6 +204,7 @@ def run_members(jobs: list[PreparedJob], sweep_group: str) -> None:
 
 def _run_group(jobs: list[PreparedJob], sweep_group: str) -> list[Outcome]:
     outcomes: dict[int, Outcome] = {}
+    started = time.perf_counter()
     with contextlib.ExitStack() as locks:
         runs, where = [], []
         for k, job in enumerate(jobs):
@@ -216,6 +219,7 @@ def _run_group(jobs: list[PreparedJob], sweep_group: str) -> list[Outcome]:
             runs.append(opened)
             where.append(k)
         if runs:
+            log.info("fused group: %d runs built in %.1f s", len(runs), time.perf_counter() - started)
             for k, outcome in zip(where, run_group(runs), strict=True):
                 outcomes[k] = outcome
     return [outcomes[k] for k in range(len(jobs))]
