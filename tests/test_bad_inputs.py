@@ -241,6 +241,8 @@ CASES = [
     # launchers' own keys
     (["--multirun", "seed=0,1", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=0"],
      ["hydra.launcher.n_jobs=0"]),
+    (["--multirun", "seed=0,1", "hydra/launcher=fused", "hydra.launcher.max_fused=0"],
+     ["hydra.launcher.max_fused=0"]),
     (["--multirun", "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=0"],
      ["hydra.launcher.timeout_min=0"]),
     (["--multirun", "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=-1"],

@@ -126,14 +126,13 @@ def test_a_diverged_job_leaves_its_fused_group_and_the_others_match_separate_run
     fused = run_cli([*sweep, "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path / 'fused'}"], tmp_path)
     assert fused.returncode == 1 and "2 completed, 2 diverged" in fused.stderr, fused.stderr[-2000:]
     assert "fused launcher: 4 jobs in 1 group(s)" in fused.stdout + fused.stderr
-    basic = run_cli([*sweep, f"hydra.sweep.dir={tmp_path / 'basic'}"], tmp_path)
-    assert basic.returncode == 1
-    for i in range(4):
+    for i, (lr, seed) in enumerate((lr, seed) for lr in ("1e8", "0.01") for seed in (0, 1)):
         a = json.loads((tmp_path / "fused" / str(i) / "summary.json").read_text())
-        b = json.loads((tmp_path / "basic" / str(i) / "summary.json").read_text())
-        assert a["status"] == b["status"] and a["fused_runs"] == 4
-        if a["status"] == "completed":
-            assert_close_rows(rows(tmp_path / "fused" / str(i)), rows(tmp_path / "basic" / str(i)))
+        assert a["fused_runs"] == 4 and a["status"] == ("diverged" if lr == "1e8" else "completed")
+        if a["status"] == "completed":  # the same numbers as the job run on its own
+            alone = tmp_path / "alone" / str(i)
+            run_experiment(compose_cfg([*UNSTABLE, f"lr={lr}", f"seed={seed}"]), alone)
+            assert_close_rows(rows(tmp_path / "fused" / str(i)), rows(alone))
         else:
             assert "training loss is" in a["reason"]
     res = report(tmp_path / "fused", tmp_path / "out")
@@ -161,13 +160,13 @@ def test_sigterm_stops_a_fused_group_and_the_same_command_resumes_every_job_exac
     again = subprocess.run([*cmd, f"hydra.sweep.dir={stopped}"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and "4 completed" in again.stderr, again.stderr[-2000:]
-    whole = run_cli(["--multirun", *jobs, "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path / 'whole'}"],
-                    tmp_path)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    fixed = [j for j in jobs if not j.startswith(("seed=", "lr="))]
+    whole = tmp_path / "whole"  # the same group, uninterrupted, in this process
+    run_fused([[*fixed, f"seed={seed}", f"lr={lr}"] for seed in (0, 1) for lr in (0.05, 0.1)], whole)
     for i in range(4):
-        a, b = final_tensors(stopped / str(i)), final_tensors(tmp_path / "whole" / str(i))
+        a, b = final_tensors(stopped / str(i)), final_tensors(whole / str(i))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        assert rows(stopped / str(i))[-1] == rows(tmp_path / "whole" / str(i))[-1]
+        assert rows(stopped / str(i))[-1] == rows(whole / str(i))[-1]
 
 
 def test_plan_groups_fuses_what_may_differ_and_says_why_a_job_runs_alone() -> None:
@@ -205,3 +204,20 @@ def test_shared_composition_gives_hydras_own_configs() -> None:
             shared = [OmegaConf.to_yaml(compose("config", overrides=j, return_hydra_config=True)) for j in jobs]
             again = [OmegaConf.to_yaml(compose("config", overrides=j, return_hydra_config=True)) for j in jobs]
     assert shared == plain and again == plain
+
+
+def test_each_fused_job_has_its_own_wandb_run(tmp_path: Path) -> None:
+    from fedbench.tracking.wandb_file import read_run
+
+    jobs = [[*F64, "rounds=2", "logger=wandb", "logger.wandb.mode=offline", "logger.wandb.group=g",
+             f"seed={seed}"] for seed in (0, 1, 2)]
+    outcomes = run_fused(jobs, tmp_path)
+    assert all(o.error is None and o.summary["fused_runs"] == 3 for o in outcomes)
+    for i in range(3):
+        files = list((tmp_path / str(i)).glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) == 1
+        run = read_run(files[0])
+        hist = [h for h in run["history"] if "global/val_acc" in h]
+        assert [h["global/val_acc"] for h in hist] == [r["global/val_acc"] for r in rows(tmp_path / str(i))]
+        assert run["group"] == "g" and run["config"]["seed"] == i
+        assert run["summary"]["best/val_acc"] == outcomes[i].summary["best/val_acc"]

@@ -102,13 +102,16 @@ def test_flwr_partitioner_equals_the_library_on_the_same_labels_and_seed():
         assert np.array_equal(ours.train[k], np.sort(np.asarray(ref.load_partition(k)["i"])))
 
 
-def test_optuna_study_of_three_trials_and_its_report(tmp_path):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=fused", "hydra.sweeper.n_jobs=3"]],
+                         ids=["basic", "fused"])
+def test_optuna_study_of_three_trials_and_its_report(tmp_path, launcher):
+    """With the fused launcher the sweeper's batch of 3 trials runs as one group, each trial its objective."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from fedbench.report import report
 
     sweep = tmp_path / "study"
     proc = run_cli(["--multirun", "hydra/sweeper=tune", "hydra.sweeper.n_trials=3", "dataset=digits", *RUN,
-                    f"hydra.sweep.dir={sweep}"], tmp_path)
+                    *launcher, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     res = report(sweep, tmp_path / "out")

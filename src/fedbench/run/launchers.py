@@ -44,6 +44,8 @@ def check_hydra_config(hc: DictConfig, n_jobs: int) -> None:
         n = launcher.get("n_jobs")
         if not isinstance(n, int) or isinstance(n, bool) or n == 0:
             raise ConfigError(f"hydra.launcher.n_jobs={n}: must be an integer >= 1 (or -1: one job per core)")
+    if "FusedLauncher" in target:
+        _numbers(hc.launcher, "hydra.launcher", (("max_fused", 1, True),))
     if "submitit" in target.lower() or "SlurmLauncher" in target:
         _numbers(hc.launcher, "hydra.launcher", SUBMITIT_KEYS)
     if "SlurmLauncher" in target:

@@ -36,7 +36,7 @@ class WandbLogger:
             return
         kwargs = dict(dir=str(run_dir), project=project, entity=entity, group=group, tags=tags or None,
                       job_type=job_type, name=name, config=config, id=run_id, resume="allow" if run_id else None,
-                      reinit="finish_previous")
+                      reinit="create_new")  # a fused sweep logs several runs from one process at once
         try:
             self.run = self._init(mode, kwargs)
         except Exception as e:  # noqa: BLE001 - any W&B failure must not kill the run
