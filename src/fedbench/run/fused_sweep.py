@@ -29,6 +29,7 @@ from fedbench.composition import shared_composition
 from fedbench.engine.fused import reuse_large_allocations
 from fedbench.errors import ConfigError, Preempted
 from fedbench.registry import lookup
+from fedbench.run.build import flatten
 from fedbench.run.fused import Outcome, open_run, run_group
 from fedbench.run.state import semantic_config
 
@@ -46,17 +47,7 @@ def group_signature(cfg: DictConfig) -> dict[str, Any]:
     method_cls = lookup("method", str(cfg.method.name))
     for key in method_cls.run_keys:
         data.get("method", {}).pop(key, None)
-    return _flatten(data)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return flatten(data)
 
 
 def alone_reason(cfg: DictConfig) -> str | None:
