@@ -116,10 +116,11 @@ def make_loss_fn(model: nn.Module, task: str, autocast_dtype: torch.dtype | None
 
 
 def tree_where(mask: torch.Tensor, new: Tree, old: Tree) -> Tree:
-    """Per-client select: mask [K] picks `new` where True, else `old` (both stacked [K, ...])."""
+    """Per-row select: mask [K] (or [R, K]: runs x clients) picks `new` where True, else `old` (both
+    stacked [K, ...] or [R, K, ...])."""
 
     def pick(n: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask.view(-1, *([1] * (n.dim() - 1))), n, o)
+        return torch.where(mask.view(*mask.shape, *([1] * (n.dim() - mask.dim()))), n, o)
 
     return tree_map(pick, new, old)
 

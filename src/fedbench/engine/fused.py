@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch.func import vmap
-from torch.utils._pytree import tree_map
 
 from fedbench.data.clients import BatchSchedule, ClientView
 from fedbench.engine.executors import RoundResult, _gather, padding_factor, step_counts
-from fedbench.engine.functional import Tree, tree_index, tree_is_empty, tree_stack
+from fedbench.engine.functional import Tree, tree_index, tree_is_empty, tree_stack, tree_where
 from fedbench.engine.protocol import ClientFns
 
 if TYPE_CHECKING:
@@ -63,14 +62,6 @@ def run_values(method: Method, lr: float, dtype: torch.dtype, device: torch.devi
     for key in method.client_run_keys:
         out[key] = torch.tensor(float(getattr(method.cfg, key)), dtype=dtype, device=device)
     return out
-
-
-def _where_rows(mask: torch.Tensor, new: Tree, old: Tree) -> Tree:
-    """Per-row select: mask [R, K] picks `new` where True, else `old` (leaves stacked [R, K, ...])."""
-    def pick(n: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask.view(*mask.shape, *([1] * (n.dim() - mask.dim()))), n, o)
-
-    return tree_map(pick, new, old)
 
 
 def _batch(part: RunRound, s: int, progress: bool) -> dict[str, torch.Tensor]:
@@ -136,7 +127,7 @@ def run_fused_clients(method: Method, fns: ClientFns, parts: list[RunRound]) -> 
             local, total = new_local, total + loss
         else:
             m = mask[:, :, s]
-            local = _where_rows(m, new_local, local)
+            local = tree_where(m, new_local, local)
             total = total + torch.where(m, loss, torch.zeros_like(loss))
     up, new_cs = final(values, local, down, cstates)
     loss = total / mask.sum(-1).clamp_min(1).to(dtype)
