@@ -221,3 +221,14 @@ def test_each_fused_job_has_its_own_wandb_run(tmp_path: Path) -> None:
         assert [h["global/val_acc"] for h in hist] == [r["global/val_acc"] for r in rows(tmp_path / str(i))]
         assert run["group"] == "g" and run["config"]["seed"] == i
         assert run["summary"]["best/val_acc"] == outcomes[i].summary["best/val_acc"]
+
+
+@pytest.mark.parametrize("method,key,values", [("fedprox", "mu", (0.01, 1.0)),
+                                               ("flops_pa", "eta_phi_local", (0.01, 0.2))])
+def test_keys_the_clients_read_are_per_run_in_a_fused_group(method: str, key: str, values: tuple,
+                                                            tmp_path: Path) -> None:
+    extra = ["method.prune_start=1", "dataset=synthetic_logistic", "dataset.d=30", "dataset.n=400"] \
+        if method == "flops_pa" else []
+    jobs = [[*F64, f"method={method}", *extra, f"method.{key}={v}", f"lr={lr}"]
+            for v, lr in zip(values, (0.05, 0.1), strict=True)]
+    check_fused_equals_separate(jobs, tmp_path)

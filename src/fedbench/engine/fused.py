@@ -58,10 +58,8 @@ def reuse_large_allocations() -> bool:
 
 def run_values(method: Method, lr: float, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """The per-run values the fused client functions read: the round's lr and the client_run_keys."""
-    out = {"lr": torch.tensor(lr, dtype=dtype, device=device)}
-    for key in method.client_run_keys:
-        out[key] = torch.tensor(float(getattr(method.cfg, key)), dtype=dtype, device=device)
-    return out
+    values = {"lr": lr, **method.client_run_values()}
+    return {key: torch.tensor(v, dtype=dtype, device=device) for key, v in values.items()}
 
 
 def _batch(part: RunRound, s: int, progress: bool) -> dict[str, torch.Tensor]:

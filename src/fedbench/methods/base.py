@@ -103,6 +103,11 @@ class Method:
     def __init__(self, config: MethodConfig | None = None):
         self.cfg = config if config is not None else self.Config(name=self.name)
 
+    def client_run_values(self) -> dict[str, float]:
+        """This run's values of the `client_run_keys` (fused sweeps make them per-run tensors)."""
+        values = dataclasses.asdict(self.cfg)
+        return {key: float(values[key]) for key in self.client_run_keys}
+
     @contextlib.contextmanager
     def run_values(self, values: dict[str, Any]) -> Iterator[None]:
         """Inside fused client functions: the round's lr (`values["lr"]`) and the `client_run_keys` are

@@ -32,9 +32,10 @@ def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_clas
     # jobs of one sweep often share a partition (they differ in lr or a method's key): drawn once
     key = hashlib.sha1(counts.tobytes() + repr((counts.shape, str(cfg.partition.name),
                                                  round(stats["label_entropy_mean"], 6))).encode()).hexdigest()
-    drawn = _HEATMAPS.get(key)
+    drawn, target = _HEATMAPS.get(key), run_dir / "partition.png"
     if drawn is not None and drawn.exists():
-        shutil.copyfile(drawn, run_dir / "partition.png")
+        if drawn.resolve() != target.resolve():  # (a resumed run finds its own)
+            shutil.copyfile(drawn, target)
         return
     try:
         import matplotlib
