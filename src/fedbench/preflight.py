@@ -33,7 +33,7 @@ def search_dirs(argv: list[str]) -> list[Path]:
     for arg in argv:
         if arg.lstrip("+").startswith("hydra.searchpath="):
             for item in arg.split("=", 1)[1].strip("[]").split(","):
-                item = item.strip().strip("'\"")
+                item = item.strip().strip("'\"").replace("\\:", ":")  # a swept job's value escapes ':'
                 if item.startswith("file://"):
                     dirs.append(Path(item[len("file://"):]))
     return dirs
@@ -150,10 +150,13 @@ def unknown_added_key(job: list[str], cfg: DictConfig) -> str | None:
     """A top-level key added with `+` that no part of fedbench reads (e.g. a typo such as +roudns=3)."""
     from hydra import compose
 
+    extra = search_dirs(job)  # a group of a search-path dir (e.g. a study's +study_trial=...) is a preset
+
     def added_key(o: str) -> str | None:
         key = o.lstrip("+").split("=", 1)[0]
         top = o.startswith("+") and not o.startswith("++") and "." not in key and "/" not in key
-        return key if top and key not in GROUPS else None  # +experiment=NAME selects a preset
+        group = key in GROUPS or any((d / key).is_dir() for d in extra)
+        return key if top and not group else None  # +experiment=NAME selects a preset
 
     top = [k for k in map(added_key, job) if k is not None]
     if not top:

@@ -258,4 +258,5 @@ class ShardedExecutor:
         steps = [self.inner.client_steps(slice_schedule(sched, shard_rows(n, World(r, self.world.size))))
                  for r in range(self.world.size) if counts[r]]
         padding = sum(c for c, _ in steps) / max(sum(r for _, r in steps), 1)
-        return RoundResult(kept["up"], full["cs"], full["loss"], samples, shard, padding)
+        return RoundResult(kept["up"], full["cs"], full["loss"], samples, shard, padding,
+                           client_steps=sum(r for _, r in steps))

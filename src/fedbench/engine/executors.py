@@ -33,6 +33,7 @@ class RoundResult:
     samples: int            # training samples processed (for throughput)
     shard: Any = None       # a Shard when this process ran only its rows of the cohort (uplink = those rows)
     padding_factor: float = 1.0  # client-steps computed / client-steps with data (masked steps are waste)
+    client_steps: int = 0        # local minibatch steps with data, summed over the cohort (the budget spent)
 
 
 def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int,
@@ -173,7 +174,7 @@ class SequentialExecutor:
             losses.append(total / max(n_steps, 1))
         samples = int(sched.weight.sum().item())
         return RoundResult(tree_stack(ups), {} if not news or tree_is_empty(news[0]) else tree_stack(news),
-                           torch.stack(losses), samples)
+                           torch.stack(losses), samples, client_steps=int(host_mask.sum()))
 
     def client_steps(self, sched: BatchSchedule) -> tuple[int, int]:
         """(client-steps computed, client-steps with data): masked steps are skipped."""
@@ -246,7 +247,8 @@ class BatchedExecutor:
         return RoundResult(back(tree_cat(ups)),
                            {} if not news or tree_is_empty(news[0]) else back(tree_cat(news)),
                            back(torch.cat(losses)), samples,
-                           padding_factor=padding_factor(*computed_steps(steps, buckets)))
+                           padding_factor=padding_factor(*computed_steps(steps, buckets)),
+                           client_steps=int(steps.sum()))
 
 
 Executor = SequentialExecutor | BatchedExecutor

@@ -132,5 +132,6 @@ def run_fused_clients(method: Method, fns: ClientFns, parts: list[RunRound]) -> 
     real = [int(c.sum()) for c in counts]
     computed = n_steps * len(parts[0].client_ids)
     return [RoundResult(tree_index(up, i), {} if tree_is_empty(new_cs) else tree_index(new_cs, i), loss[i],
-                        int(p.sched.weight.sum().item()), padding_factor=padding_factor(computed, real[i]))
+                        int(p.sched.weight.sum().item()), padding_factor=padding_factor(computed, real[i]),
+                        client_steps=real[i])
             for i, p in enumerate(parts)]

@@ -24,6 +24,9 @@ WALL_S = "time/wall_s"
 SAMPLES_PER_S = "throughput/samples_per_s"
 # client-steps computed / client-steps with data: > 1 where a vmap group runs to its longest client
 PADDING_FACTOR = "throughput/padding_factor"
+# local minibatch steps with data, summed over the round's cohort / over all rounds (a study's budget)
+CLIENT_STEPS = "train/client_steps"
+CLIENT_STEPS_TOTAL = "train/client_steps_total"
 PEAK_RSS_MB = "memory/peak_rss_mb"
 PEAK_DEVICE_MB = "memory/peak_device_mb"
 

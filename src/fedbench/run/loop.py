@@ -35,6 +35,7 @@ class RoundOutput:
     bytes_down: int
     metrics: dict[str, Any]         # the method's own per-round metrics (from aggregate)
     padding_factor: float = 1.0     # client-steps computed / client-steps with data
+    client_steps: int = 0           # local minibatch steps with data, summed over the cohort
 
 
 def run_round(method: Method, executor: Executor, gstate: dict[str, Any], cstates: dict[str, Any],
@@ -57,7 +58,7 @@ def close_round(method: Method, gstate: dict[str, Any], down: Payload, res: Roun
         client_states, sent = method.personalize(new_gstate, client_states, up, ctx)
         bytes_down += payload_bytes(sent) if sent is not None else 0
     return RoundOutput(new_gstate, client_states, res.loss, res.samples, bytes_up, bytes_down, metrics,
-                       res.padding_factor)
+                       res.padding_factor, res.client_steps)
 
 
 def server_step(method: Method, gstate: dict[str, Any], res: RoundResult,
@@ -123,7 +124,7 @@ def finish_round(run: Run, callbacks: Sequence[Callback], ctx: RoundContext, out
     """The state after the round, then the callbacks (evaluation, sinks, checkpoint); returns the
     (callback, reason) that asks to stop, or None. A callback may raise (divergence, preemption)."""
     run.state = run.state.advance(ctx.round, ctx.cohort, out.gstate, out.client_states, out.bytes_up,
-                                  out.bytes_down, out.samples, seconds)
+                                  out.bytes_down, out.samples, seconds, out.client_steps)
     return after_round(run, run.state, callbacks, round_row(run, run.state, out, seconds))
 
 
@@ -172,6 +173,7 @@ def round_row(run: Run, state: RunState, out: RoundOutput, seconds: float) -> di
     row[names.TOTAL_S] = t["time_s"]
     row[names.SAMPLES_PER_S] = out.samples / seconds if seconds > 0 else None
     row[names.PADDING_FACTOR] = out.padding_factor
+    row[names.CLIENT_STEPS] = out.client_steps
     return row
 
 

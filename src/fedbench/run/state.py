@@ -43,7 +43,7 @@ class RunState:
     dirty: set[int] | None = field(default=None, repr=False)
 
     def advance(self, round_: int, cohort: torch.Tensor, gstate: dict[str, Any], client_states: dict[str, Any],
-                bytes_up: int, bytes_down: int, samples: int, seconds: float) -> RunState:
+                bytes_up: int, bytes_down: int, samples: int, seconds: float, client_steps: int = 0) -> RunState:
         """The state after round `round_`: the new server state, the cohort's client states, totals."""
         tree_assign(self.cstates, cohort, client_states)
         if self.dirty is not None and not tree_is_empty(client_states):
@@ -53,6 +53,7 @@ class RunState:
         t["bytes_up"] += bytes_up
         t["bytes_down"] += bytes_down
         t["samples"] += samples
+        t["client_steps"] = t.get("client_steps", 0) + client_steps  # .get: checkpoints from before it
         t["time_s"] += seconds
         t["rounds_done"] = round_
         return self

@@ -41,6 +41,7 @@ def summarise(run: Run, state: RunState, end: RunEnd, callbacks: Sequence[Callba
         names.BYTES_UP_TOTAL: t["bytes_up"], names.BYTES_DOWN_TOTAL: t["bytes_down"],
         names.BYTES_TOTAL: t["bytes_up"] + t["bytes_down"],
         names.BYTES_PER_ROUND: (t["bytes_up"] + t["bytes_down"]) / max(t.get("rounds_done", 0), 1),
+        names.CLIENT_STEPS_TOTAL: t.get("client_steps", 0),
         names.TOTAL_S: t["time_s"],           # the rounds' own time, all processes of a resumed run
         names.STARTUP_S: run.startup_s,       # this process: data, model, warm start, sinks
         names.WALL_S: time.perf_counter() - run.created,  # this process, start to end
@@ -54,7 +55,8 @@ def summarise(run: Run, state: RunState, end: RunEnd, callbacks: Sequence[Callba
         "executor": run.executor.name, "device": str(run.device), "fused_runs": run.fused_runs,
         "run_dir": str(run.run_dir),
     })
-    for k in (names.ROUND_S, names.BYTES_UP, names.BYTES_DOWN):  # per-round figures: the totals say more
+    # per-round figures: the totals say more
+    for k in (names.ROUND_S, names.BYTES_UP, names.BYTES_DOWN, names.CLIENT_STEPS):
         summary.pop(k, None)
     summary.update(run.provenance)
     return summary

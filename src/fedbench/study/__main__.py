@@ -1,0 +1,3 @@
+from fedbench.study import main
+
+main()
