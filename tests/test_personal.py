@@ -222,12 +222,41 @@ def test_every_personalized_method_runs_and_logs_personal_metrics(tmp_path, meth
     assert 0.0 <= s["personal/test_acc"] <= 1.0 and s["best/personal_round"] in (1, 2)
     if method == "local":
         assert s["comm/bytes_total"] == 0
-    assert (s["best/val_acc"] is not None) == (method in ("ditto", "fedrod", "fedecouple"))
+    both = method in ("ditto", "fedrod", "fedecouple")  # a global model AND personal models
+    assert (s["best/val_acc"] is not None) == both
+    # both protocols: the global model on the same client splits, next to each client's own model
+    assert all(("clients/global_test_acc" in r) == both for r in rows)
+    if both:
+        assert 0.0 <= s["clients/global_test_acc"] <= 1.0 and "clients/global_val_acc_std" in s
 
 
 def test_global_methods_are_scored_on_the_clients_splits_too(tmp_path):
     s = run_experiment(compose_cfg(PERSONAL + ["method=fedavg"]), tmp_path)
     assert s["best/val_acc"] is not None and 0.0 <= s["personal/test_acc"] <= 1.0
+    assert "clients/global_test_acc" not in s  # personal/* IS the global model on the clients' splits
+
+
+def test_the_global_model_on_the_clients_splits_is_the_global_model_scored_there(tmp_path):
+    """clients/global_test_acc of a personalized method equals its global model evaluated by hand on
+    every client's test split (weighted by split size)."""
+    from fedbench.run.build import build_run
+    from fedbench.run.evaluation import evaluate_global_on_clients
+
+    cfg = compose_cfg(PERSONAL + ["method=ditto", "hardware.dtype=float64"])
+    s = run_experiment(cfg, tmp_path / "run")
+    (tmp_path / "again").mkdir()
+    run = build_run(cfg, tmp_path / "again")  # the initial state: the hand check needs no rounds
+    got = evaluate_global_on_clients(run.method, run.state.gstate, run.model, run.dataset, run.part)
+    params, buffers = run.method.eval_state(run.state.gstate)
+    hits = n = 0
+    for k in range(run.part.num_clients):
+        idx = torch.as_tensor(run.part.test[k])
+        if len(idx):
+            logits = torch.func.functional_call(run.model, (params, buffers), (run.dataset.x_train[idx],))
+            hits += int((logits.argmax(-1) == run.dataset.y_train[idx]).sum())
+            n += len(idx)
+    assert got["clients/global_test_acc"] == pytest.approx(hits / n, abs=1e-12)
+    assert 0.0 <= s["clients/global_test_acc"] <= 1.0
 
 
 def test_fedrod_personal_head_stays_private_and_adds_to_the_generic_logits(tmp_path):

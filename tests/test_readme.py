@@ -71,7 +71,7 @@ def test_the_readme_has_commands_and_each_is_covered():
     assert len([line for line in lines if fedbench_args(line) is not None]) >= 20
     manual = (Path(__file__).resolve().parents[1] / "docs" / "readme_checks.md").read_text()
     for line in lines:
-        if fedbench_args(line) is None and "..." not in line:
+        if fedbench_args(line) is None and "..." not in line and not line.startswith("fedbench-study "):
             assert line.startswith(NOT_HERE) or "fedbench-report" in line or "python -c" in line, line
             assert any(part in manual for part in (line, line.split()[0] + " " + line.split()[1])), line
 
@@ -100,3 +100,17 @@ def test_readme_command_runs_as_written(line, tmp_path, monkeypatch, capsys):
         assert error is None, f"{line}\n  -> {error}"
     else:
         assert error is not None and needed in error, f"{line}\n  -> {error}"
+
+
+@pytest.mark.parametrize("line", [c for c in commands() if c.startswith("fedbench-study ")])
+def test_readme_study_command_passes_the_study_checks(line, tmp_path, monkeypatch):
+    """A `fedbench-study` line: its study file with its changes parses, and a run of every method x
+    setting at both ends of each search space passes the pre-flight (what the command checks first)."""
+    from fedbench.study import check_runs
+    from fedbench.study.spec import load_study
+
+    words = shlex.split(line)[1:]
+    if "--dir" in words:
+        del words[words.index("--dir"):words.index("--dir") + 2]
+    monkeypatch.chdir(tmp_path)
+    check_runs(load_study(words[0], words[1:]))

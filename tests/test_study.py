@@ -80,6 +80,9 @@ def plugins(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.syspath_prepend(str(PLUGINS))
     importlib.import_module("fedbench_test_methods")
+    from fedbench.config import register_schemas
+
+    register_schemas()  # their Hydra schemas, in case fedbench.conf was imported before them
 
 
 def summaries(sweep_dir: Path) -> dict[tuple[str, int], dict]:

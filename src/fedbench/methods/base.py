@@ -90,6 +90,7 @@ class Method:
     prefers_sequential = False  # auto executor: sequential even where vmap would be picked
     uses_backbone = True       # False: the method has its own model (predict) and no backbone is built
     has_global_model = True    # False: accuracy is only meaningful per client (personal/*)
+    has_personal_models = False  # True: clients predict with their own models (personal_params)
     reports_train_loss = True
     noise_dim = 0              # > 0: uniform noise of this size per local step in batch["noise"]
     aggregates_by_shares = False  # aggregate == aggregate_shares(uplink_share(whole cohort)); see local_sgd

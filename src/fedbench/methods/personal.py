@@ -35,6 +35,7 @@ def sub(tree: Tensors, prefix: str) -> Tensors:
 class PersonalizedMethod(LocalSGDMethod):
     shared = "all"
     has_global_model = False  # False: accuracy is only meaningful per client (personal/*)
+    has_personal_models = True
     needs_progress = False    # True: batches carry `progress` (step / the client's steps) for phases
 
     # ---- set-up ----------------------------------------------------------------------------

@@ -85,6 +85,12 @@ def personal(split: str, stat: str = "") -> str:
     return f"personal/{split}_acc{'_' + stat if stat else ''}"
 
 
+def global_on_clients(split: str, stat: str = "") -> str:
+    """The global model on each client's own split (methods with personal models too):
+    clients/global_test_acc, clients/global_test_acc_std ..."""
+    return f"clients/global_{split}_acc{'_' + stat if stat else ''}"
+
+
 def selection_metric(task: str, has_global_model: bool) -> str:
     """The metric a run is judged on while it runs (early stopping, the progress line): the global
     model's validation score, or the clients' own models' where a method has no global model."""

@@ -96,11 +96,30 @@ def evaluate_personal(method: Method, gstate: dict[str, Any], cstates: dict[str,
     (each client's samples padded to the chunk's largest split)."""
     device = dataset.x_train.device
     models: dict[int, tuple[dict, dict]] = {}
-    for k in range(part.num_clients):
-        if len(part.val[k]) or len(part.test[k]):
-            train = torch.as_tensor(part.train[k], device=device)
-            models[k] = method.personal_params(gstate, tree_index(cstates, k), dataset.x_train[train],
-                                               dataset.y_train[train])
+    for k in _scored_clients(part):
+        train = torch.as_tensor(part.train[k], device=device)
+        models[k] = method.personal_params(gstate, tree_index(cstates, k), dataset.x_train[train],
+                                           dataset.y_train[train])
+    return _client_accuracy(models, model, dataset, part, chunk, names.personal)
+
+
+def evaluate_global_on_clients(method: Method, gstate: dict[str, Any], model: torch.nn.Module,
+                               dataset: Any, part: Partition) -> dict[str, float]:
+    """The global model on each client's own validation / test split (clients/global_*): next to
+    personal/* it shows what a method's personal models add over its global one (one forward pass)."""
+    shared = method.eval_state(gstate)
+    models = {k: shared for k in _scored_clients(part)}
+    return _client_accuracy(models, model, dataset, part, 64, names.global_on_clients)
+
+
+def _scored_clients(part: Partition) -> list[int]:
+    return [k for k in range(part.num_clients) if len(part.val[k]) or len(part.test[k])]
+
+
+def _client_accuracy(models: dict[int, tuple[dict, dict]], model: torch.nn.Module, dataset: Any,
+                     part: Partition, chunk: int, name: Any) -> dict[str, float]:
+    """Accuracy of each client's model in `models` on its own splits: the mean weighted by split size,
+    the spread and the worst client, named `name(split, stat)`."""
     out: dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -112,9 +131,9 @@ def evaluate_personal(method: Method, gstate: dict[str, Any], cstates: dict[str,
             correct = _correct_per_client(model, models, clients, index_sets, dataset, chunk)
             n = np.array([len(index_sets[k]) for k in clients])
             a = np.array([correct[k] for k in clients]) / n
-            out[names.personal(split)] = float((a * n).sum() / n.sum())  # weighted by client split size
-            out[names.personal(split, "std")] = float(a.std())           # spread over clients
-            out[names.personal(split, "min")] = float(a.min())
+            out[name(split)] = float((a * n).sum() / n.sum())  # weighted by client split size
+            out[name(split, "std")] = float(a.std())           # spread over clients
+            out[name(split, "min")] = float(a.min())
     finally:
         model.train(was_training)
     return out
@@ -216,6 +235,9 @@ class EvaluationCallback(Callback):
         if run.has_local_splits:
             personal = evaluate_personal(method, state.gstate, state.cstates, run.model, run.dataset, run.part)
             out.update(personal)
+            if method.has_global_model and method.has_personal_models and method.predicts_with_backbone:
+                # both protocols side by side: the global model on the same client splits
+                out.update(evaluate_global_on_clients(method, state.gstate, run.model, run.dataset, run.part))
             if personal:
                 select = personal.get(names.PERSONAL_VAL_ACC, personal.get(names.PERSONAL_TEST_ACC))
                 self.best_personal.update(r, select, personal.get(names.PERSONAL_TEST_ACC))

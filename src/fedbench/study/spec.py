@@ -246,94 +246,71 @@ def _entries(data: dict[str, Any], key: str, shared: tuple[Param, ...] = ()) -> 
     return tuple(out)
 
 
+KEYS = ("name", "base", "settings", "methods", "space", "budget", "tune_seeds", "seeds",
+        "parallel_trials", "launcher", "launcher_overrides", "sampler", "alpha", "wandb")
+
+
 def parse(data: dict[str, Any]) -> StudySpec:
     if not isinstance(data, dict):
         raise StudyError("study: the file must be a mapping")
-    known = {
-        "name",
-        "base",
-        "settings",
-        "methods",
-        "space",
-        "budget",
-        "tune_seeds",
-        "seeds",
-        "parallel_trials",
-        "launcher",
-        "launcher_overrides",
-        "sampler",
-        "alpha",
-        "wandb",
-    }
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(KEYS))
     if unknown:
-        raise StudyError(f"study: unknown key '{unknown[0]}' (keys: {', '.join(sorted(known))})")
+        raise StudyError(f"study: unknown key '{unknown[0]}' (keys: {', '.join(sorted(KEYS))})")
     name = data.get("name")
     if not isinstance(name, str) or not NAME.match(name):
         raise StudyError(f"study.name={name}: letters, digits, _ and - only")
-    shared = _space("space", data.get("space"))
     base = _overrides("base", data.get("base"))
     settings = _entries(data, "settings")
-    methods = _entries(data, "methods", shared)
+    methods = _entries(data, "methods", _space("space", data.get("space")))
     tuned = {p.key for m in methods for p in m.space}
-    for where, overrides in (
-        ("base", base),
-        *((f"settings ({s.name})", s.overrides) for s in settings),
-    ):
+    for where, overrides in (("base", base), *((f"settings ({s.name})", s.overrides) for s in settings)):
         clash = sorted(tuned & {o.split("=", 1)[0].lstrip("+~") for o in overrides})
         if clash:  # a command-line value would win over the trial's: the tuner would tune nothing
-            raise StudyError(
-                f"study.{where}: {clash[0]} is tuned in a search space; it cannot be fixed here"
-            )
+            raise StudyError(f"study.{where}: {clash[0]} is tuned in a search space; it cannot be "
+                             f"fixed here")
+    return StudySpec(name=name, base=base, settings=settings, methods=methods, **_budget(data),
+                     **_running(data), source=data)
+
+
+def _budget(data: dict[str, Any]) -> dict[str, Any]:
+    """trials, rounds and the two seed lists (disjoint)."""
     budget = data.get("budget") or {}
     if not isinstance(budget, dict) or set(budget) - {"trials", "rounds"}:
-        raise StudyError(
-            f"study.budget={budget}: give trials (per method and setting) and rounds (per run)"
-        )
-    trials = _int(data, "budget.trials", budget.get("trials"), 1)
-    rounds = _int(data, "budget.rounds", budget.get("rounds"), 1)
-    tune_seeds = _ints(data, "tune_seeds", 0)
-    seeds = _ints(data, "seeds", 0)
+        raise StudyError(f"study.budget={budget}: give trials (per method and setting) and rounds "
+                         f"(per run)")
+    tune_seeds, seeds = _ints(data, "tune_seeds", 0), _ints(data, "seeds", 0)
     both = sorted(set(tune_seeds) & set(seeds))
     if both:
-        raise StudyError(
-            f"study.seeds: seed {both[0]} is also a tuning seed; the final runs use other seeds "
-            f"(tune_seeds={list(tune_seeds)})"
-        )
+        raise StudyError(f"study.seeds: seed {both[0]} is also a tuning seed; the final runs use "
+                         f"other seeds (tune_seeds={list(tune_seeds)})")
+    return {"trials": _int(data, "budget.trials", budget.get("trials"), 1),
+            "rounds": _int(data, "budget.rounds", budget.get("rounds"), 1),
+            "tune_seeds": tune_seeds, "seeds": seeds}
+
+
+def _running(data: dict[str, Any]) -> dict[str, Any]:
+    """How the trials are run and judged: launcher, sampler, significance level, W&B."""
     launcher = data.get("launcher", "basic")
     if launcher not in LAUNCHERS:
         raise StudyError(f"study.launcher={launcher}: one of {', '.join(LAUNCHERS)}")
     sampler = data.get("sampler") or {}
     if not isinstance(sampler, dict) or sampler.get("name", "tpe") not in SAMPLERS:
-        raise StudyError(
-            f"study.sampler.name={sampler.get('name') if isinstance(sampler, dict) else sampler}: "
-            f"one of {', '.join(SAMPLERS)}"
-        )
+        name = sampler.get("name") if isinstance(sampler, dict) else sampler
+        raise StudyError(f"study.sampler.name={name}: one of {', '.join(SAMPLERS)}")
     alpha = data.get("alpha", 0.05)
     if not isinstance(alpha, float) or not 0 < alpha < 1:
         raise StudyError(f"study.alpha={alpha}: a significance level in (0, 1), e.g. 0.05")
     wandb = data.get("wandb") or {}
     if wandb.get("mode", "offline") not in ("offline", "online", "disabled"):
         raise StudyError(f"study.wandb.mode={wandb.get('mode')}: offline, online or disabled")
-    return StudySpec(
-        name=name,
-        base=base,
-        settings=settings,
-        methods=methods,
-        trials=trials,
-        rounds=rounds,
-        tune_seeds=tune_seeds,
-        seeds=seeds,
-        parallel_trials=_int(data, "parallel_trials", data.get("parallel_trials", 1), 1),
-        launcher=launcher,
-        launcher_overrides=_overrides("launcher_overrides", data.get("launcher_overrides")),
-        sampler=sampler.get("name", "tpe"),
-        sampler_seed=_int(data, "sampler.seed", sampler.get("seed", 0), 0),
-        startup_trials=_int(data, "sampler.startup_trials", sampler.get("startup_trials", 10), 0),
-        alpha=alpha,
-        wandb=dict(wandb),
-        source=data,
-    )
+    return {
+        "parallel_trials": _int(data, "parallel_trials", data.get("parallel_trials", 1), 1),
+        "launcher": launcher,
+        "launcher_overrides": _overrides("launcher_overrides", data.get("launcher_overrides")),
+        "sampler": sampler.get("name", "tpe"),
+        "sampler_seed": _int(data, "sampler.seed", sampler.get("seed", 0), 0),
+        "startup_trials": _int(data, "sampler.startup_trials", sampler.get("startup_trials", 10), 0),
+        "alpha": alpha, "wandb": dict(wandb)}
 
 
 def as_yaml(spec: StudySpec) -> str:

@@ -23,6 +23,7 @@ TEST_KEYS = (
     names.BEST_PERSONAL_TEST_ACC,
 )
 OWN_MODELS = names.PERSONAL_TEST_ACC  # each client's own model on its own test split (final round)
+GLOBAL_ON_CLIENTS = names.global_on_clients("test")  # the global model on the same splits
 
 
 def test_score(summary: dict[str, Any]) -> tuple[str | None, float | None]:
@@ -82,6 +83,8 @@ class Row:
     bytes_total: float | None
     own_models: float | None = None  # personal/test_acc: each client's own model (or the global
     own_models_ci95: float | None = None  # model on each client's split for a method without one)
+    global_on_clients: float | None = None  # the global model on each client's split (n/a: none)
+    global_on_clients_ci95: float | None = None
     best: bool = False
     not_worse: bool = False
     p_value: float | None = None
@@ -93,85 +96,66 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def build_rows(
-    spec: StudySpec,
-    tuned: dict[str, dict[str, list[TrialResult]]],
-    plans: dict[str, dict[str, Any]],
-    finals: dict[str, dict[tuple[str, int], RunRecord]],
-) -> list[Row]:
-    rows: list[Row] = []
-    for setting in spec.settings:
-        for m in spec.methods:
-            trials = tuned[setting.name][m.name]
-            plan = plans[setting.name].get(m.name)
-            runs = [finals[setting.name][(plan["file"], s)] for s in spec.seeds] if plan else []
-            scores, failed, own = {}, {}, {}
-            metric = None
-            for r in runs:
-                if r.status != "completed":
-                    failed[r.seed] = f"{r.status}: {r.summary.get('reason', '')}".rstrip(": ")
-                    continue
-                key, value = test_score(r.summary)
-                if value is None or not math.isfinite(value):
-                    failed[r.seed] = "no test score"
-                    continue
-                metric, scores[r.seed] = key, value
-                if r.summary.get(OWN_MODELS) is not None:
-                    own[r.seed] = float(r.summary[OWN_MODELS])
-            ok = [r for r in runs if r.seed in scores]
-            values = list(scores.values())
-            row = Row(
-                setting=setting.name,
-                method=m.name,
-                metric=metric,
-                n=len(values),
-                n_planned=len(spec.seeds),
-                mean=_mean(values),
-                ci95=t_interval(values),
-                std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                per_seed=scores,
-                failed_seeds=failed,
-                params=dict(plan["params"]) if plan else {},
-                val_objective=plan["objective"] if plan else None,
-                trials=len(trials),
-                trials_failed=sum(t.objective is None for t in trials),
-                tune_rounds=sum(
-                    int(v.get("rounds_done") or 0) for t in trials for v in t.runs.values()
-                ),
-                tune_client_steps=sum(
-                    int(v.get(names.CLIENT_STEPS_TOTAL) or 0)
-                    for t in trials
-                    for v in t.runs.values()
-                ),
-                final_rounds=sum(int(r.summary.get("rounds_done") or 0) for r in runs),
-                final_client_steps=sum(
-                    int(r.summary.get(names.CLIENT_STEPS_TOTAL) or 0) for r in runs
-                ),
-                rounds_to_best=_mean(
-                    [
-                        float(r.summary[names.BEST_ROUND])
-                        for r in ok
-                        if r.summary.get(names.BEST_ROUND) is not None
-                    ]
-                ),
-                bytes_total=_mean(
-                    [
-                        float(r.summary[names.BYTES_TOTAL])
-                        for r in ok
-                        if r.summary.get(names.BYTES_TOTAL) is not None
-                    ]
-                ),
-                own_models=_mean(list(own.values())),
-                own_models_ci95=t_interval(list(own.values())),
-                trial_objectives=[t.objective for t in trials],
-            )
-            if not plan:
-                row.note = f"all {len(trials)} trials failed: no final runs"
-            elif failed:
-                row.note = f"mean over {len(values)} of {len(spec.seeds)} seeds ({len(failed)} did not complete)"
-            rows.append(row)
+def build_rows(spec: StudySpec, tuned: dict[str, dict[str, list[TrialResult]]],
+               plans: dict[str, dict[str, Any]],
+               finals: dict[str, dict[tuple[str, int], RunRecord]]) -> list[Row]:
+    rows = [_row(spec, setting.name, m.name, tuned[setting.name][m.name], plans[setting.name].get(m.name),
+                 finals[setting.name]) for setting in spec.settings for m in spec.methods]
     mark(rows, spec.alpha)
     return rows
+
+
+def _final_scores(runs: list[RunRecord]) -> dict[str, Any]:
+    """Per seed of the completed final runs: the test score, and both personalized protocols."""
+    out: dict[str, Any] = {"metric": None, "scores": {}, "failed": {}, "own": {}, "glob": {}}
+    for r in runs:
+        key, value = test_score(r.summary) if r.status == "completed" else (None, None)
+        if value is None or not math.isfinite(value):
+            why = "no test score" if r.status == "completed" else f"{r.status}: {r.summary.get('reason', '')}"
+            out["failed"][r.seed] = why.rstrip(": ")
+            continue
+        out["metric"], out["scores"][r.seed] = key, value
+        if r.summary.get(OWN_MODELS) is not None:
+            out["own"][r.seed] = float(r.summary[OWN_MODELS])
+        # the global model on the clients' splits: its own key, or personal/* itself for a method
+        # without personal models (none for a method without a global model)
+        on_clients = r.summary.get(GLOBAL_ON_CLIENTS)
+        if on_clients is None and key in TEST_KEYS[:2]:
+            on_clients = r.summary.get(OWN_MODELS)
+        if on_clients is not None:
+            out["glob"][r.seed] = float(on_clients)
+    return out
+
+
+def _row(spec: StudySpec, setting: str, method: str, trials: list[TrialResult], plan: dict[str, Any] | None,
+         finals: dict[tuple[str, int], RunRecord]) -> Row:
+    runs = [finals[(plan["file"], s)] for s in spec.seeds] if plan else []
+    f = _final_scores(runs)
+    ok = [r for r in runs if r.seed in f["scores"]]
+    values, own, glob = list(f["scores"].values()), list(f["own"].values()), list(f["glob"].values())
+    tuning = [v for t in trials for v in t.runs.values()]
+
+    def mean_of(key: str, among: list[RunRecord]) -> float | None:
+        return _mean([float(r.summary[key]) for r in among if r.summary.get(key) is not None])
+
+    row = Row(setting=setting, method=method, metric=f["metric"], n=len(values), n_planned=len(spec.seeds),
+              mean=_mean(values), ci95=t_interval(values),
+              std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
+              per_seed=f["scores"], failed_seeds=f["failed"], params=dict(plan["params"]) if plan else {},
+              val_objective=plan["objective"] if plan else None, trials=len(trials),
+              trials_failed=sum(t.objective is None for t in trials),
+              tune_rounds=sum(int(v.get("rounds_done") or 0) for v in tuning),
+              tune_client_steps=sum(int(v.get(names.CLIENT_STEPS_TOTAL) or 0) for v in tuning),
+              final_rounds=sum(int(r.summary.get("rounds_done") or 0) for r in runs),
+              final_client_steps=sum(int(r.summary.get(names.CLIENT_STEPS_TOTAL) or 0) for r in runs),
+              rounds_to_best=mean_of(names.BEST_ROUND, ok), bytes_total=mean_of(names.BYTES_TOTAL, ok),
+              own_models=_mean(own), own_models_ci95=t_interval(own), global_on_clients=_mean(glob),
+              global_on_clients_ci95=t_interval(glob), trial_objectives=[t.objective for t in trials])
+    if not plan:
+        row.note = f"all {len(trials)} trials failed: no final runs"
+    elif f["failed"]:
+        row.note = f"mean over {len(values)} of {len(spec.seeds)} seeds ({len(f['failed'])} did not complete)"
+    return row
 
 
 def mark(rows: list[Row], alpha: float) -> None:
@@ -252,126 +236,87 @@ def _params(params: dict[str, Any]) -> str:
     )
 
 
+def _cell(mean: float | None, ci: float | None) -> str:
+    return "n/a" if mean is None else _fmt(mean) + (f" ± {ci:.4f}" if ci is not None else "")
+
+
 def to_markdown(spec: StudySpec, rows: list[Row], budget: dict[str, Any]) -> str:
     metric = next((r.metric for r in rows if r.metric), "best/test_acc")
-    has_own = any(r.own_models is not None for r in rows)
-    lines = [
-        f"# Study {spec.name}",
-        "",
-        f"Test score: `{metric}` (the test score at the round of the best validation score), mean ± "
-        f"95% t-interval over the final seeds {list(spec.seeds)}; n = seeds that completed. Each "
-        f"method was tuned on validation only (mean of the best validation score over tuning seeds "
-        f"{list(spec.tune_seeds)}), then rerun at its best configuration.",
-        "",
-    ]
-    head = ["setting", "method", "test (mean ± 95% CI)", "n"]
-    if has_own:
-        head.append("own models on own splits")
-    head += [
-        "hyperparameters",
-        "val (tuning)",
-        "trials (failed)",
-        "tune rounds",
-        "tune client-steps",
-        "rounds-to-best",
-        "bytes total",
-    ]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for r in rows:
-        if r.mean is None:
-            cell = "—"
-        else:
-            cell = _fmt(r.mean) + (f" ± {r.ci95:.4f}" if r.ci95 is not None else "")
-            cell = f"**{cell}**" if r.best else cell + (" ≈" if r.not_worse else "")
-        n = f"{r.n}" if r.n == r.n_planned else f"{r.n} of {r.n_planned}"
-        cells = [r.setting, r.method, cell, n]
-        if has_own:
-            cells.append(
-                "n/a"
-                if r.own_models is None
-                else _fmt(r.own_models)
-                + (f" ± {r.own_models_ci95:.4f}" if r.own_models_ci95 is not None else "")
-            )
-        cells += [
-            _params(r.params),
-            _fmt(r.val_objective),
-            f"{r.trials} ({r.trials_failed})",
-            f"{r.tune_rounds:,}",
-            f"{r.tune_client_steps:,}",
-            "n/a" if r.rounds_to_best is None else f"{r.rounds_to_best:.1f}",
-            _fmt(r.bytes_total, big=True),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"**bold**: the best mean of the setting; ≈: not significantly worse than it (one-sided "
-        f"paired t-test over the seeds both completed, α = {spec.alpha}, no correction for multiple "
-        f"comparisons; with fewer than 2 paired seeds a method is not tested and gets ≈).",
-    ]
-    g = budget["given_per_method"]
-    lines += [
-        "",
-        f"Budget per method and setting: {g['trials']} trials × {g['runs_per_trial']} tuning seeds × "
-        f"{g['rounds_per_run']} rounds = {g['tune_rounds']:,} tuning rounds, then {g['final_runs']} "
-        f"final runs. Spent: "
-        + (
-            "equal across methods in rounds and client-steps (checked)."
-            if budget["equal"]
-            else "NOT equal across methods:"
-        ),
-    ]
-    for name, s in budget["settings"].items():
-        if not (s["equal_rounds"] and s["equal_client_steps"]):
-            spent = ", ".join(
-                f"{m} {s['tune_rounds'][m]:,} rounds / {s['tune_client_steps'][m]:,} client-steps"
-                for m in s["tune_rounds"]
-            )
-            lines.append(
-                f"- {name}: {spent} (failed or stopped runs spend less; methods with other local work "
-                f"spend other client-steps)"
-            )
+    lines = [f"# Study {spec.name}", "",
+             f"Test score: `{metric}` (the test score at the round of the best validation score), mean "
+             f"± 95% t-interval over the final seeds {list(spec.seeds)}; n = seeds that completed. "
+             f"Each method was tuned on validation only (mean of the best validation score over "
+             f"tuning seeds {list(spec.tune_seeds)}), then rerun at its best configuration.", ""]
+    lines += _table(rows) + ["", f"**bold**: the best mean of the setting; ≈: not significantly worse "
+                             f"than it (one-sided paired t-test over the seeds both completed, α = "
+                             f"{spec.alpha}, no correction for multiple comparisons; with fewer than "
+                             f"2 paired seeds a method is not tested and gets ≈)."]
+    lines += _budget_lines(budget)
     floor = noise_floor(rows)
     if floor is not None:
-        lines += [
-            "",
-            f"Noise floor: the seed-to-seed standard deviation of a repeated configuration is "
-            f"{floor:.4f} (median over rows); differences below it are not results.",
-        ]
-    notes = [
-        f"- {r.setting} / {r.method}: {r.note}"
-        + (
-            "; " + "; ".join(f"seed {s} {why}" for s, why in r.failed_seeds.items())
-            if r.failed_seeds
-            else ""
-        )
-        for r in rows
-        if r.note
-    ]
-    failed_trials = [
-        f"- {r.setting} / {r.method}: {r.trials_failed} of {r.trials} trials failed or diverged "
-        f"(counted, never averaged)"
-        for r in rows
-        if r.trials_failed
-    ]
-    if notes or failed_trials:
-        lines += ["", "Failures:", "", *notes, *failed_trials]
-    if has_own:
-        lines += [
-            "",
-            "Own models on own splits: `personal/test_acc`, each client's own model on its own test "
-            "split (methods without personal models: the global model on each client's split).",
-        ]
-        for setting in spec.settings:
-            group = [
-                r
-                for r in rows
-                if r.setting == setting.name and r.mean is not None and r.own_models is not None
-            ]
-            by_global = [r.method for r in sorted(group, key=lambda r: -r.mean)]
-            by_own = [r.method for r in sorted(group, key=lambda r: -r.own_models)]
-            same = "the same" if by_global == by_own else "DIFFERENT"
-            lines.append(
-                f"- {setting.name}: ranking by the test score {by_global}, by own models {by_own}: "
-                f"{same}."
-            )
+        lines += ["", f"Noise floor: the seed-to-seed standard deviation of a repeated configuration "
+                  f"is {floor:.4f} (median over rows); differences below it are not results."]
+    notes = [f"- {r.setting} / {r.method}: {r.note}" + "".join(
+        f"; seed {s} {why}" for s, why in r.failed_seeds.items()) for r in rows if r.note]
+    notes += [f"- {r.setting} / {r.method}: {r.trials_failed} of {r.trials} trials failed or "
+              f"diverged (counted, never averaged)" for r in rows if r.trials_failed]
+    if notes:
+        lines += ["", "Failures:", "", *notes]
+    if any(r.own_models is not None for r in rows):
+        lines += ["", *_protocol_lines(spec, rows)]
     return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[Row]) -> list[str]:
+    protocols = any(r.own_models is not None for r in rows)
+    head = ["setting", "method", "test (mean ± 95% CI)", "n"]
+    head += ["global model on own splits", "own models on own splits"] if protocols else []
+    head += ["hyperparameters", "val (tuning)", "trials (failed)", "tune rounds",
+             "tune client-steps", "rounds-to-best", "bytes total"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in rows:
+        cell = "—" if r.mean is None else _cell(r.mean, r.ci95)
+        cell = f"**{cell}**" if r.best else cell + (" ≈" if r.not_worse else "")
+        cells = [r.setting, r.method, cell, f"{r.n}" if r.n == r.n_planned else f"{r.n} of {r.n_planned}"]
+        if protocols:
+            cells += [_cell(r.global_on_clients, r.global_on_clients_ci95),
+                      _cell(r.own_models, r.own_models_ci95)]
+        cells += [_params(r.params), _fmt(r.val_objective), f"{r.trials} ({r.trials_failed})",
+                  f"{r.tune_rounds:,}", f"{r.tune_client_steps:,}",
+                  "n/a" if r.rounds_to_best is None else f"{r.rounds_to_best:.1f}",
+                  _fmt(r.bytes_total, big=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _budget_lines(budget: dict[str, Any]) -> list[str]:
+    g = budget["given_per_method"]
+    spent = ("equal across methods in rounds and client-steps (checked)." if budget["equal"]
+             else "NOT equal across methods:")
+    lines = ["", f"Budget per method and setting: {g['trials']} trials × {g['runs_per_trial']} tuning "
+             f"seeds × {g['rounds_per_run']} rounds = {g['tune_rounds']:,} tuning rounds, then "
+             f"{g['final_runs']} final runs. Spent: {spent}"]
+    for name, s in budget["settings"].items():
+        if not (s["equal_rounds"] and s["equal_client_steps"]):
+            each = ", ".join(f"{m} {s['tune_rounds'][m]:,} rounds / {s['tune_client_steps'][m]:,} "
+                             f"client-steps" for m in s["tune_rounds"])
+            lines.append(f"- {name}: {each} (failed or stopped runs spend less; methods with other "
+                         f"local work spend other client-steps)")
+    return lines
+
+
+def _protocol_lines(spec: StudySpec, rows: list[Row]) -> list[str]:
+    """Both personalized protocols, and whether they rank the methods alike."""
+    lines = ["Global model on own splits: `clients/global_test_acc` (methods without personal models: "
+             "`personal/test_acc`, the same thing); own models on own splits: `personal/test_acc`, "
+             "each client's own model on its own test split; both weighted by split size, final "
+             "round; n/a: the method has no such model."]
+    for setting in spec.settings:
+        group = [r for r in rows if r.setting == setting.name and r.own_models is not None
+                 and r.global_on_clients is not None]
+        by_global = [r.method for r in sorted(group, key=lambda r: -r.global_on_clients)]
+        by_own = [r.method for r in sorted(group, key=lambda r: -r.own_models)]
+        same = "the same" if by_global == by_own else "DIFFERENT"
+        lines.append(f"- {setting.name}: ranking by the global model {by_global}, by own models "
+                     f"{by_own}: {same}.")
+    return lines
