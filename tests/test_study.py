@@ -1,4 +1,5 @@
-"""fedbench-study: tuning on validation only, equal budgets, final seeded runs, the table, resume."""
+"""fedbench-study: tuning on validation only, equal budgets, final seeded runs, the table,
+resume."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def study_file(tmp: Path, **changes) -> Path:
 
 @pytest.fixture
 def plugins(monkeypatch):
-    """The test-only methods (failing, waiting) in this process and in the study's child processes."""
+    """The test-only methods (failing, waiting) here and in the study's child processes."""
     for k, v in PLUGIN_ENV.items():
         monkeypatch.setenv(k, v)
     monkeypatch.syspath_prepend(str(PLUGINS))
@@ -99,10 +100,10 @@ def summaries(sweep_dir: Path) -> dict[tuple[str, int], dict]:
 def test_tuner_sees_validation_only_objective_is_the_mean_over_tune_seeds_and_failures_are_counted(
     tmp_path, plugins, monkeypatch
 ):
-    """Acceptance 2 and 4: every trial's objective is the mean over tune_seeds of the best validation
-    score its runs wrote; the tuner never sees a */test_* key and no final run exists while it tunes;
-    a method whose trials diverge (lr=1e30) is shown with its failure count, one whose final run fails on
-    seed 1 is averaged over the completed seeds with n reduced and said."""
+    """Acceptance 2 and 4: every trial's objective is the mean over tune_seeds of the best
+    validation score its runs wrote; the tuner never sees a */test_* key and no final run exists
+    while it tunes; a method whose trials diverge (lr=1e30) is shown with its failure count, one
+    whose final run fails on seed 1 is averaged over the completed seeds with n reduced and said."""
     from fedbench.study import run_study
     from fedbench.study.spec import load_study
     from fedbench.study.tuning import TEST_KEY, Tuner
@@ -203,7 +204,8 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240
 
 
 def _held_run(sweep_dir: Path):
-    """The dir of a `held` (waiting) run of this batch that logged round 1 (it then waits in round 2)."""
+    """The dir of a `held` (waiting) run of this batch that logged round 1 (it then waits in round
+    2)."""
     for ov in sweep_dir.glob("*/.hydra/overrides.yaml"):
         rows = ov.parent.parent / "metrics.jsonl"
         if "-held-" in ov.read_text() and rows.exists() and rows.read_text().strip():
@@ -214,10 +216,11 @@ def _held_run(sweep_dir: Path):
 def test_a_study_stopped_in_tuning_and_in_its_final_runs_resumes_to_the_uninterrupted_table(
     tmp_path, plugins
 ):
-    """Acceptance 3: SIGTERM while a tuning batch runs, rerun; SIGTERM while the final runs run, rerun:
-    the study completes, no finished run is run again (its summary untouched, every run's rows hold each
-    round once), and the table equals an uninterrupted study's. Runs are held still by the test-only
-    `waiting` method (its round 2 waits for a gate file), so each stop hits a known run."""
+    """Acceptance 3: SIGTERM while a tuning batch runs, rerun; SIGTERM while the final runs run,
+    rerun: the study completes, no finished run is run again (its summary untouched, every run's
+    rows hold each round once), and the table equals an uninterrupted study's. Runs are held still
+    by the test-only `waiting` method (its round 2 waits for a gate file), so each stop hits a
+    known run."""
     from fedbench.study import run_study
     from fedbench.study.spec import load_study
     from fedbench.tracking.wandb_file import read_run

@@ -62,8 +62,8 @@ def check_runs(spec: StudySpec, checked: bool = False) -> bool:
 
 
 def claim_dir(spec: StudySpec, root: Path) -> bool:
-    """The study dir holds this study (True: it was started before) or nothing yet (False); a different
-    definition is refused."""
+    """The study dir holds this study (True: it was started before) or nothing yet (False); a
+    different definition is refused."""
     text = as_yaml(spec)
     path = root / "study.yaml"
     if path.exists():
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     except StudyStopped:
         print(
-            "fedbench-study: stopped (running runs checkpointed); rerun the same command to continue",
+            "fedbench-study: stopped (running runs checkpointed); "
+            "rerun the same command to continue",
             file=sys.stderr,
         )
         sys.exit(EXIT_STOPPED)

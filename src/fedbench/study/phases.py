@@ -1,13 +1,14 @@
 """A study's phases: tune every method x setting -> final seeded runs at each best configuration.
 
-Every batch of runs is one `fedbench --multirun` command (a child process) with the study's launcher,
-so a study runs wherever a sweep runs (basic, local_parallel, slurm, fused). A trial's sampled values
-are a small config file (`+study_trial=FILE`, a `# @package _global_` preset that also selects the
-method), so one multirun holds every method's trials of a batch and `seed=...` sweeps the seeds.
+Every batch of runs is one `fedbench --multirun` command (a child process) with the study's
+launcher, so a study runs wherever a sweep runs (basic, local_parallel, slurm, fused). A trial's
+sampled values are a small config file (`+study_trial=FILE`, a `# @package _global_` preset that
+also selects the method), so one multirun holds every method's trials of a batch and `seed=...`
+sweeps the seeds.
 
 Resumable: each batch's trials are written down before it starts (`batch.json`); a batch whose runs
-all ended is not launched again, and a batch that was stopped is relaunched with the same command, in
-which fedbench keeps the finished runs and resumes the others from their checkpoints."""
+all ended is not launched again, and a batch that was stopped is relaunched with the same command,
+in which fedbench keeps the finished runs and resumes the others from their checkpoints."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ class RunRecord:
 
 
 def trial_config(method: Entry, params: dict[str, Any]) -> str:
-    """A `# @package _global_` preset: the method's group choices and values, then the trial's values.
-    The trial's values come last, so they win over the method's and a setting's preset."""
+    """A `# @package _global_` preset: the method's group choices and values, then the trial's
+    values. The trial's values come last, so they win over the method's and a setting's preset."""
     from omegaconf import OmegaConf
 
     defaults, values = [], []
@@ -90,7 +91,8 @@ class StudyRunner:
         if not self.quiet:
             print(f"fedbench-study: {text}", file=sys.stderr, flush=True)
 
-    # --- one batch of runs ---------------------------------------------------------------------------
+    # --- one batch of runs
+    # ---------------------------------------------------------------------------
 
     def write_trial(self, name: str, method: Entry, params: dict[str, Any]) -> str:
         self.conf.mkdir(parents=True, exist_ok=True)
@@ -198,10 +200,12 @@ class StudyRunner:
         self.launch(label, setting, files, seeds, sweep_dir)
         return self.records(sweep_dir, files, seeds)
 
-    # --- the phases ----------------------------------------------------------------------------------
+    # --- the phases
+    # ----------------------------------------------------------------------------------
 
     def tune(self, si: int, setting: Entry) -> dict[str, list[TrialResult]]:
-        """Every method's trials on one setting, `parallel_trials` at a time (all methods' in one batch)."""
+        """Every method's trials on one setting, `parallel_trials` at a time (all methods' in one
+        batch)."""
         spec = self.spec
         tuners = {
             m.name: Tuner(m.name, m.space, spec.sampler, spec.startup_trials) for m in spec.methods
@@ -274,7 +278,8 @@ class StudyRunner:
     def final(
         self, si: int, setting: Entry, tuned: dict[str, list[TrialResult]]
     ) -> tuple[dict[str, Any], dict[tuple[str, int], RunRecord]]:
-        """The seeded runs of every method at its best trial's values (no test metric read before)."""
+        """The seeded runs of every method at its best trial's values (no test metric read
+        before)."""
         spec = self.spec
         sweep_dir = self.root / "final" / setting.name
         plan: dict[str, Any] = {}

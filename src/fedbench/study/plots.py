@@ -1,5 +1,5 @@
-"""The study's plots: the test score vs round of the final runs (mean over seeds with a 95% t-band) and
-the tuning curves (each trial's objective and the best so far), one panel per setting."""
+"""The study's plots: the test score vs round of the final runs (mean over seeds with a 95% t-band)
+and the tuning curves (each trial's objective and the best so far), one panel per setting."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def curves(
     plans: dict[str, dict],
     out: Path,
 ) -> Path | None:
-    """Test score vs round, one line per method (mean over its completed seeds), band: 95% t-interval."""
+    """Test score vs round, one line per method (mean over its completed seeds), band: 95%
+    t-interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,8 +127,9 @@ def curves(
 
 
 def tuning(spec: StudySpec, tuned: dict[str, dict[str, list[TrialResult]]], out: Path) -> Path:
-    """Objective (mean validation over the tuning seeds) of each trial and the best so far, per method;
-    failed trials as crosses on the panel's floor. A curve still rising at the end says: more budget."""
+    """Objective (mean validation over the tuning seeds) of each trial and the best so far, per
+    method; failed trials as crosses on the panel's floor. A curve still rising at the end says:
+    more budget."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -63,8 +63,8 @@ def write_table(
 def log_wandb(
     spec: StudySpec, out: Path, records: list[dict[str, Any]], flat: pd.DataFrame
 ) -> None:
-    """One W&B run in the study's group (job_type study): the table, and per row its headline numbers
-    in the summary (`SETTING/METHOD/test_mean` ...)."""
+    """One W&B run in the study's group (job_type study): the table, and per row its headline
+    numbers in the summary (`SETTING/METHOD/test_mean` ...)."""
     from fedbench.tracking.wandb_logger import WandbLogger
 
     mode = str(spec.wandb.get("mode", "offline"))

@@ -1,4 +1,5 @@
-"""A study's definition (conf/study/NAME.yaml): what is compared, on which settings, with which budget.
+"""A study's definition (conf/study/NAME.yaml): what is compared, on which settings, with which
+budget.
 
 Loaded with OmegaConf (interpolations such as ${oc.env:WANDB_MODE,offline} work), command-line
 `key=value` overrides merged on top, then checked: a wrong value is one line naming the key
@@ -246,8 +247,22 @@ def _entries(data: dict[str, Any], key: str, shared: tuple[Param, ...] = ()) -> 
     return tuple(out)
 
 
-KEYS = ("name", "base", "settings", "methods", "space", "budget", "tune_seeds", "seeds",
-        "parallel_trials", "launcher", "launcher_overrides", "sampler", "alpha", "wandb")
+KEYS = (
+    "name",
+    "base",
+    "settings",
+    "methods",
+    "space",
+    "budget",
+    "tune_seeds",
+    "seeds",
+    "parallel_trials",
+    "launcher",
+    "launcher_overrides",
+    "sampler",
+    "alpha",
+    "wandb",
+)
 
 
 def parse(data: dict[str, Any]) -> StudySpec:
@@ -263,29 +278,46 @@ def parse(data: dict[str, Any]) -> StudySpec:
     settings = _entries(data, "settings")
     methods = _entries(data, "methods", _space("space", data.get("space")))
     tuned = {p.key for m in methods for p in m.space}
-    for where, overrides in (("base", base), *((f"settings ({s.name})", s.overrides) for s in settings)):
+    for where, overrides in (
+        ("base", base),
+        *((f"settings ({s.name})", s.overrides) for s in settings),
+    ):
         clash = sorted(tuned & {o.split("=", 1)[0].lstrip("+~") for o in overrides})
         if clash:  # a command-line value would win over the trial's: the tuner would tune nothing
-            raise StudyError(f"study.{where}: {clash[0]} is tuned in a search space; it cannot be "
-                             f"fixed here")
-    return StudySpec(name=name, base=base, settings=settings, methods=methods, **_budget(data),
-                     **_running(data), source=data)
+            raise StudyError(
+                f"study.{where}: {clash[0]} is tuned in a search space; it cannot be fixed here"
+            )
+    return StudySpec(
+        name=name,
+        base=base,
+        settings=settings,
+        methods=methods,
+        **_budget(data),
+        **_running(data),
+        source=data,
+    )
 
 
 def _budget(data: dict[str, Any]) -> dict[str, Any]:
     """trials, rounds and the two seed lists (disjoint)."""
     budget = data.get("budget") or {}
     if not isinstance(budget, dict) or set(budget) - {"trials", "rounds"}:
-        raise StudyError(f"study.budget={budget}: give trials (per method and setting) and rounds "
-                         f"(per run)")
+        raise StudyError(
+            f"study.budget={budget}: give trials (per method and setting) and rounds (per run)"
+        )
     tune_seeds, seeds = _ints(data, "tune_seeds", 0), _ints(data, "seeds", 0)
     both = sorted(set(tune_seeds) & set(seeds))
     if both:
-        raise StudyError(f"study.seeds: seed {both[0]} is also a tuning seed; the final runs use "
-                         f"other seeds (tune_seeds={list(tune_seeds)})")
-    return {"trials": _int(data, "budget.trials", budget.get("trials"), 1),
-            "rounds": _int(data, "budget.rounds", budget.get("rounds"), 1),
-            "tune_seeds": tune_seeds, "seeds": seeds}
+        raise StudyError(
+            f"study.seeds: seed {both[0]} is also a tuning seed; the final runs use "
+            f"other seeds (tune_seeds={list(tune_seeds)})"
+        )
+    return {
+        "trials": _int(data, "budget.trials", budget.get("trials"), 1),
+        "rounds": _int(data, "budget.rounds", budget.get("rounds"), 1),
+        "tune_seeds": tune_seeds,
+        "seeds": seeds,
+    }
 
 
 def _running(data: dict[str, Any]) -> dict[str, Any]:
@@ -309,8 +341,12 @@ def _running(data: dict[str, Any]) -> dict[str, Any]:
         "launcher_overrides": _overrides("launcher_overrides", data.get("launcher_overrides")),
         "sampler": sampler.get("name", "tpe"),
         "sampler_seed": _int(data, "sampler.seed", sampler.get("seed", 0), 0),
-        "startup_trials": _int(data, "sampler.startup_trials", sampler.get("startup_trials", 10), 0),
-        "alpha": alpha, "wandb": dict(wandb)}
+        "startup_trials": _int(
+            data, "sampler.startup_trials", sampler.get("startup_trials", 10), 0
+        ),
+        "alpha": alpha,
+        "wandb": dict(wandb),
+    }
 
 
 def as_yaml(spec: StudySpec) -> str:

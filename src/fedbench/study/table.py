@@ -16,7 +16,8 @@ from fedbench.study.phases import RunRecord
 from fedbench.study.spec import StudySpec
 from fedbench.study.tuning import TrialResult
 
-# the test score of a run: the global model at its best-validation round, else the clients' own models
+# the test score of a run: the global model at its best-validation round, else the clients' own
+# models
 TEST_KEYS = (
     names.best_test("classification"),
     names.best_test("regression"),
@@ -96,11 +97,24 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def build_rows(spec: StudySpec, tuned: dict[str, dict[str, list[TrialResult]]],
-               plans: dict[str, dict[str, Any]],
-               finals: dict[str, dict[tuple[str, int], RunRecord]]) -> list[Row]:
-    rows = [_row(spec, setting.name, m.name, tuned[setting.name][m.name], plans[setting.name].get(m.name),
-                 finals[setting.name]) for setting in spec.settings for m in spec.methods]
+def build_rows(
+    spec: StudySpec,
+    tuned: dict[str, dict[str, list[TrialResult]]],
+    plans: dict[str, dict[str, Any]],
+    finals: dict[str, dict[tuple[str, int], RunRecord]],
+) -> list[Row]:
+    rows = [
+        _row(
+            spec,
+            setting.name,
+            m.name,
+            tuned[setting.name][m.name],
+            plans[setting.name].get(m.name),
+            finals[setting.name],
+        )
+        for setting in spec.settings
+        for m in spec.methods
+    ]
     mark(rows, spec.alpha)
     return rows
 
@@ -111,7 +125,11 @@ def _final_scores(runs: list[RunRecord]) -> dict[str, Any]:
     for r in runs:
         key, value = test_score(r.summary) if r.status == "completed" else (None, None)
         if value is None or not math.isfinite(value):
-            why = "no test score" if r.status == "completed" else f"{r.status}: {r.summary.get('reason', '')}"
+            why = (
+                "no test score"
+                if r.status == "completed"
+                else f"{r.status}: {r.summary.get('reason', '')}"
+            )
             out["failed"][r.seed] = why.rstrip(": ")
             continue
         out["metric"], out["scores"][r.seed] = key, value
@@ -127,39 +145,65 @@ def _final_scores(runs: list[RunRecord]) -> dict[str, Any]:
     return out
 
 
-def _row(spec: StudySpec, setting: str, method: str, trials: list[TrialResult], plan: dict[str, Any] | None,
-         finals: dict[tuple[str, int], RunRecord]) -> Row:
+def _row(
+    spec: StudySpec,
+    setting: str,
+    method: str,
+    trials: list[TrialResult],
+    plan: dict[str, Any] | None,
+    finals: dict[tuple[str, int], RunRecord],
+) -> Row:
     runs = [finals[(plan["file"], s)] for s in spec.seeds] if plan else []
     f = _final_scores(runs)
     ok = [r for r in runs if r.seed in f["scores"]]
-    values, own, glob = list(f["scores"].values()), list(f["own"].values()), list(f["glob"].values())
+    values, own, glob = (
+        list(f["scores"].values()),
+        list(f["own"].values()),
+        list(f["glob"].values()),
+    )
     tuning = [v for t in trials for v in t.runs.values()]
 
     def mean_of(key: str, among: list[RunRecord]) -> float | None:
         return _mean([float(r.summary[key]) for r in among if r.summary.get(key) is not None])
 
-    row = Row(setting=setting, method=method, metric=f["metric"], n=len(values), n_planned=len(spec.seeds),
-              mean=_mean(values), ci95=t_interval(values),
-              std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
-              per_seed=f["scores"], failed_seeds=f["failed"], params=dict(plan["params"]) if plan else {},
-              val_objective=plan["objective"] if plan else None, trials=len(trials),
-              trials_failed=sum(t.objective is None for t in trials),
-              tune_rounds=sum(int(v.get("rounds_done") or 0) for v in tuning),
-              tune_client_steps=sum(int(v.get(names.CLIENT_STEPS_TOTAL) or 0) for v in tuning),
-              final_rounds=sum(int(r.summary.get("rounds_done") or 0) for r in runs),
-              final_client_steps=sum(int(r.summary.get(names.CLIENT_STEPS_TOTAL) or 0) for r in runs),
-              rounds_to_best=mean_of(names.BEST_ROUND, ok), bytes_total=mean_of(names.BYTES_TOTAL, ok),
-              own_models=_mean(own), own_models_ci95=t_interval(own), global_on_clients=_mean(glob),
-              global_on_clients_ci95=t_interval(glob), trial_objectives=[t.objective for t in trials])
+    row = Row(
+        setting=setting,
+        method=method,
+        metric=f["metric"],
+        n=len(values),
+        n_planned=len(spec.seeds),
+        mean=_mean(values),
+        ci95=t_interval(values),
+        std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        per_seed=f["scores"],
+        failed_seeds=f["failed"],
+        params=dict(plan["params"]) if plan else {},
+        val_objective=plan["objective"] if plan else None,
+        trials=len(trials),
+        trials_failed=sum(t.objective is None for t in trials),
+        tune_rounds=sum(int(v.get("rounds_done") or 0) for v in tuning),
+        tune_client_steps=sum(int(v.get(names.CLIENT_STEPS_TOTAL) or 0) for v in tuning),
+        final_rounds=sum(int(r.summary.get("rounds_done") or 0) for r in runs),
+        final_client_steps=sum(int(r.summary.get(names.CLIENT_STEPS_TOTAL) or 0) for r in runs),
+        rounds_to_best=mean_of(names.BEST_ROUND, ok),
+        bytes_total=mean_of(names.BYTES_TOTAL, ok),
+        own_models=_mean(own),
+        own_models_ci95=t_interval(own),
+        global_on_clients=_mean(glob),
+        global_on_clients_ci95=t_interval(glob),
+        trial_objectives=[t.objective for t in trials],
+    )
     if not plan:
         row.note = f"all {len(trials)} trials failed: no final runs"
     elif f["failed"]:
-        row.note = f"mean over {len(values)} of {len(spec.seeds)} seeds ({len(f['failed'])} did not complete)"
+        row.note = (f"mean over {len(values)} of {len(spec.seeds)} seeds ({len(f['failed'])} did "
+                    f"not complete)")
     return row
 
 
 def mark(rows: list[Row], alpha: float) -> None:
-    """Per setting: the best mean, and every method whose paired test against it is not significant."""
+    """Per setting: the best mean, and every method whose paired test against it is not
+    significant."""
     for setting in dict.fromkeys(r.setting for r in rows):
         group = [r for r in rows if r.setting == setting and r.mean is not None]
         if not group:
@@ -242,24 +286,42 @@ def _cell(mean: float | None, ci: float | None) -> str:
 
 def to_markdown(spec: StudySpec, rows: list[Row], budget: dict[str, Any]) -> str:
     metric = next((r.metric for r in rows if r.metric), "best/test_acc")
-    lines = [f"# Study {spec.name}", "",
-             f"Test score: `{metric}` (the test score at the round of the best validation score), mean "
-             f"± 95% t-interval over the final seeds {list(spec.seeds)}; n = seeds that completed. "
-             f"Each method was tuned on validation only (mean of the best validation score over "
-             f"tuning seeds {list(spec.tune_seeds)}), then rerun at its best configuration.", ""]
-    lines += _table(rows) + ["", f"**bold**: the best mean of the setting; ≈: not significantly worse "
-                             f"than it (one-sided paired t-test over the seeds both completed, α = "
-                             f"{spec.alpha}, no correction for multiple comparisons; with fewer than "
-                             f"2 paired seeds a method is not tested and gets ≈)."]
+    lines = [
+        f"# Study {spec.name}",
+        "",
+        f"Test score: `{metric}` (the test score at the round of the best validation score), mean "
+        f"± 95% t-interval over the final seeds {list(spec.seeds)}; n = seeds that completed. "
+        f"Each method was tuned on validation only (mean of the best validation score over "
+        f"tuning seeds {list(spec.tune_seeds)}), then rerun at its best configuration.",
+        "",
+    ]
+    lines += _table(rows) + [
+        "",
+        f"**bold**: the best mean of the setting; ≈: not significantly worse "
+        f"than it (one-sided paired t-test over the seeds both completed, α = "
+        f"{spec.alpha}, no correction for multiple comparisons; with fewer than "
+        f"2 paired seeds a method is not tested and gets ≈).",
+    ]
     lines += _budget_lines(budget)
     floor = noise_floor(rows)
     if floor is not None:
-        lines += ["", f"Noise floor: the seed-to-seed standard deviation of a repeated configuration "
-                  f"is {floor:.4f} (median over rows); differences below it are not results."]
-    notes = [f"- {r.setting} / {r.method}: {r.note}" + "".join(
-        f"; seed {s} {why}" for s, why in r.failed_seeds.items()) for r in rows if r.note]
-    notes += [f"- {r.setting} / {r.method}: {r.trials_failed} of {r.trials} trials failed or "
-              f"diverged (counted, never averaged)" for r in rows if r.trials_failed]
+        lines += [
+            "",
+            f"Noise floor: the seed-to-seed standard deviation of a repeated configuration "
+            f"is {floor:.4f} (median over rows); differences below it are not results.",
+        ]
+    notes = [
+        f"- {r.setting} / {r.method}: {r.note}"
+        + "".join(f"; seed {s} {why}" for s, why in r.failed_seeds.items())
+        for r in rows
+        if r.note
+    ]
+    notes += [
+        f"- {r.setting} / {r.method}: {r.trials_failed} of {r.trials} trials failed or "
+        f"diverged (counted, never averaged)"
+        for r in rows
+        if r.trials_failed
+    ]
     if notes:
         lines += ["", "Failures:", "", *notes]
     if any(r.own_models is not None for r in rows):
@@ -271,52 +333,90 @@ def _table(rows: list[Row]) -> list[str]:
     protocols = any(r.own_models is not None for r in rows)
     head = ["setting", "method", "test (mean ± 95% CI)", "n"]
     head += ["global model on own splits", "own models on own splits"] if protocols else []
-    head += ["hyperparameters", "val (tuning)", "trials (failed)", "tune rounds",
-             "tune client-steps", "rounds-to-best", "bytes total"]
+    head += [
+        "hyperparameters",
+        "val (tuning)",
+        "trials (failed)",
+        "tune rounds",
+        "tune client-steps",
+        "rounds-to-best",
+        "bytes total",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in rows:
         cell = "—" if r.mean is None else _cell(r.mean, r.ci95)
         cell = f"**{cell}**" if r.best else cell + (" ≈" if r.not_worse else "")
-        cells = [r.setting, r.method, cell, f"{r.n}" if r.n == r.n_planned else f"{r.n} of {r.n_planned}"]
+        cells = [
+            r.setting,
+            r.method,
+            cell,
+            f"{r.n}" if r.n == r.n_planned else f"{r.n} of {r.n_planned}",
+        ]
         if protocols:
-            cells += [_cell(r.global_on_clients, r.global_on_clients_ci95),
-                      _cell(r.own_models, r.own_models_ci95)]
-        cells += [_params(r.params), _fmt(r.val_objective), f"{r.trials} ({r.trials_failed})",
-                  f"{r.tune_rounds:,}", f"{r.tune_client_steps:,}",
-                  "n/a" if r.rounds_to_best is None else f"{r.rounds_to_best:.1f}",
-                  _fmt(r.bytes_total, big=True)]
+            cells += [
+                _cell(r.global_on_clients, r.global_on_clients_ci95),
+                _cell(r.own_models, r.own_models_ci95),
+            ]
+        cells += [
+            _params(r.params),
+            _fmt(r.val_objective),
+            f"{r.trials} ({r.trials_failed})",
+            f"{r.tune_rounds:,}",
+            f"{r.tune_client_steps:,}",
+            "n/a" if r.rounds_to_best is None else f"{r.rounds_to_best:.1f}",
+            _fmt(r.bytes_total, big=True),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _budget_lines(budget: dict[str, Any]) -> list[str]:
     g = budget["given_per_method"]
-    spent = ("equal across methods in rounds and client-steps (checked)." if budget["equal"]
-             else "NOT equal across methods:")
-    lines = ["", f"Budget per method and setting: {g['trials']} trials × {g['runs_per_trial']} tuning "
-             f"seeds × {g['rounds_per_run']} rounds = {g['tune_rounds']:,} tuning rounds, then "
-             f"{g['final_runs']} final runs. Spent: {spent}"]
+    spent = (
+        "equal across methods in rounds and client-steps (checked)."
+        if budget["equal"]
+        else "NOT equal across methods:"
+    )
+    lines = [
+        "",
+        f"Budget per method and setting: {g['trials']} trials × {g['runs_per_trial']} tuning "
+        f"seeds × {g['rounds_per_run']} rounds = {g['tune_rounds']:,} tuning rounds, then "
+        f"{g['final_runs']} final runs. Spent: {spent}",
+    ]
     for name, s in budget["settings"].items():
         if not (s["equal_rounds"] and s["equal_client_steps"]):
-            each = ", ".join(f"{m} {s['tune_rounds'][m]:,} rounds / {s['tune_client_steps'][m]:,} "
-                             f"client-steps" for m in s["tune_rounds"])
-            lines.append(f"- {name}: {each} (failed or stopped runs spend less; methods with other "
-                         f"local work spend other client-steps)")
+            each = ", ".join(
+                f"{m} {s['tune_rounds'][m]:,} rounds / {s['tune_client_steps'][m]:,} client-steps"
+                for m in s["tune_rounds"]
+            )
+            lines.append(
+                f"- {name}: {each} (failed or stopped runs spend less; methods with other "
+                f"local work spend other client-steps)"
+            )
     return lines
 
 
 def _protocol_lines(spec: StudySpec, rows: list[Row]) -> list[str]:
     """Both personalized protocols, and whether they rank the methods alike."""
-    lines = ["Global model on own splits: `clients/global_test_acc` (methods without personal models: "
-             "`personal/test_acc`, the same thing); own models on own splits: `personal/test_acc`, "
-             "each client's own model on its own test split; both weighted by split size, final "
-             "round; n/a: the method has no such model."]
+    lines = [
+        "Global model on own splits: `clients/global_test_acc` (methods without personal models: "
+        "`personal/test_acc`, the same thing); own models on own splits: `personal/test_acc`, "
+        "each client's own model on its own test split; both weighted by split size, final "
+        "round; n/a: the method has no such model."
+    ]
     for setting in spec.settings:
-        group = [r for r in rows if r.setting == setting.name and r.own_models is not None
-                 and r.global_on_clients is not None]
+        group = [
+            r
+            for r in rows
+            if r.setting == setting.name
+            and r.own_models is not None
+            and r.global_on_clients is not None
+        ]
         by_global = [r.method for r in sorted(group, key=lambda r: -r.global_on_clients)]
         by_own = [r.method for r in sorted(group, key=lambda r: -r.own_models)]
         same = "the same" if by_global == by_own else "DIFFERENT"
-        lines.append(f"- {setting.name}: ranking by the global model {by_global}, by own models "
-                     f"{by_own}: {same}.")
+        lines.append(
+            f"- {setting.name}: ranking by the global model {by_global}, by own models "
+            f"{by_own}: {same}."
+        )
     return lines

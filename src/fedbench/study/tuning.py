@@ -17,7 +17,8 @@ from typing import Any
 from fedbench.metrics import names
 from fedbench.study.spec import Param
 
-# a key naming a test split: global/test_acc, best/test_acc, personal/test_acc_std, final/test_loss, ...
+# a key naming a test split: global/test_acc, best/test_acc, personal/test_acc_std,
+# final/test_loss, ...
 TEST_KEY = re.compile(r"(^|/)(test_|[a-z_]*_test_)|unseen/")
 
 
@@ -87,8 +88,8 @@ def _suggest(trial: Any, space: tuple[Param, ...]) -> dict[str, Any]:
 
 
 def distributions(space: tuple[Param, ...]) -> dict[str, Any]:
-    """Optuna's distribution objects of a space (built by Optuna itself: the same code for Optuna 2 and
-    later versions, whose distribution classes differ)."""
+    """Optuna's distribution objects of a space (built by Optuna itself: the same code for Optuna 2
+    and later versions, whose distribution classes differ)."""
     optuna = _optuna()
     trial = optuna.create_study().ask()
     _suggest(trial, space)
