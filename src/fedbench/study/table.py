@@ -266,7 +266,7 @@ def _fmt(v: float | None, big: bool = False) -> str:
     if v is None:
         return "n/a"
     if big:
-        return f"{v / 1e6:,.2f} MB" if v >= 1e5 else f"{v:,.0f} B"
+        return f"{v / 1e6:,.4g}"  # one unit (MB, in the header) for the whole column
     return f"{v:.4f}"
 
 
@@ -335,14 +335,15 @@ def _table(rows: list[Row]) -> list[str]:
     head += ["global model on own splits", "own models on own splits"] if protocols else []
     head += [
         "hyperparameters",
-        "val (tuning)",
+        "val objective (tuning)",
         "trials (failed)",
         "tune rounds",
         "tune client-steps",
         "rounds-to-best",
-        "bytes total",
+        "MB sent (up + down)",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    align = ["---" if h in ("setting", "method", "hyperparameters") else "---:" for h in head]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]  # text left, numbers right
     for r in rows:
         cell = "—" if r.mean is None else _cell(r.mean, r.ci95)
         cell = f"**{cell}**" if r.best else cell + (" ≈" if r.not_worse else "")
