@@ -181,3 +181,28 @@ def test_a_cancelled_task_ends_the_sweep_with_the_account(tmp_path):
     assert "1 completed, 1 preempted" in out and "rerun the same command to resume it" in out, out[-2000:]
     assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "preempted"
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_study_runs_its_batches_through_sbatch(tmp_path):
+    """fedbench-study with launcher=slurm: each batch is one SLURM array; the table comes back."""
+    import yaml
+
+    base = [o for o in TINY if not o.startswith("rounds=")]  # the study sets the rounds
+    spec = {"name": "on_slurm", "base": base, "wandb": {"mode": "disabled"},
+            "settings": [{"name": "a1", "overrides": ["partition.alpha=1.0"]}],
+            "methods": [{"name": "fedavg", "overrides": ["method=fedavg"]}],
+            "space": {"lr": "tag(log, interval(0.01, 0.5))"}, "budget": {"trials": 2, "rounds": 2},
+            "tune_seeds": [100], "seeds": [0, 1], "parallel_trials": 2, "launcher": "slurm",
+            "launcher_overrides": [o for o in SLURM if o != "hydra/launcher=slurm"]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "fedbench.study", str(path), "--dir", str(tmp_path / "s")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for batch in (tmp_path / "s" / "tune" / "a1" / "batch-000", tmp_path / "s" / "final" / "a1"):
+        tasks = [p.name for p in (batch / ".submitit").iterdir() if p.is_dir() and "_" in p.name]
+        assert len(tasks) == 2 and len({t.split("_")[0] for t in tasks}) == 1  # one array of 2 tasks
+    table = json.loads((tmp_path / "s" / "table" / "study.json").read_text())
+    (row,) = table["rows"]
+    assert row["n"] == 2 and row["trials"] == 2 and row["trials_failed"] == 0 and row["best"]
