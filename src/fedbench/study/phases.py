@@ -170,9 +170,11 @@ class StudyRunner:
             raise StudyStopped("before a batch")
 
     def records(
-        self, sweep_dir: Path, files: list[str], seeds: tuple[int, ...]
+        self, sweep_dir: Path, files: list[str], seeds: tuple[int, ...], tuning: bool
     ) -> dict[tuple[str, int], RunRecord]:
-        """(trial file, seed) -> its run, found through each job's .hydra/overrides.yaml."""
+        """(trial file, seed) -> its run, found through each job's .hydra/overrides.yaml; while
+        `tuning`, only the validation view of its summary is kept (no test metric is read on)."""
+        view = validation_view if tuning else dict
         out = {(f, s): RunRecord(f, s, None, {}) for f in files for s in seeds}
         if not sweep_dir.is_dir():
             return out
@@ -187,18 +189,19 @@ class StudyRunner:
             if key in out:
                 summary_file = job / "summary.json"
                 summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-                out[key] = RunRecord(key[0], key[1], job, summary)
+                out[key] = RunRecord(key[0], key[1], job, view(summary))
         return out
 
     def run_batch(
-        self, label: str, setting: Entry, files: list[str], seeds: tuple[int, ...], sweep_dir: Path
+        self, label: str, setting: Entry, files: list[str], seeds: tuple[int, ...], sweep_dir: Path,
+        tuning: bool = False,
     ) -> dict[tuple[str, int], RunRecord]:
-        found = self.records(sweep_dir, files, seeds)
+        found = self.records(sweep_dir, files, seeds, tuning)
         if all(r.status in ENDED for r in found.values()):
             self.say(f"{label}: done before, kept ({len(found)} runs)")
             return found
         self.launch(label, setting, files, seeds, sweep_dir)
-        return self.records(sweep_dir, files, seeds)
+        return self.records(sweep_dir, files, seeds, tuning)
 
     # --- the phases
     # ----------------------------------------------------------------------------------
@@ -216,9 +219,7 @@ class StudyRunner:
             numbers = list(range(first, min(first + spec.parallel_trials, spec.trials)))
             sweep_dir = self.root / "tune" / setting.name / f"batch-{b:03d}"
             plan_file = sweep_dir / "batch.json"
-            if (
-                plan_file.exists()
-            ):  # asked before a stop: the same trials (a rebuilt tuner asks the same)
+            if plan_file.exists():  # asked before a stop: the same trials (a rebuilt tuner asks them)
                 plan = json.loads(plan_file.read_text())
             else:
                 plan = {"setting": setting.name, "batch": b, "trials": []}
@@ -248,12 +249,13 @@ class StudyRunner:
                 files,
                 spec.tune_seeds,
                 sweep_dir,
+                tuning=True,
             )
             for t in plan["trials"]:
                 result = TrialResult(
                     t["number"],
                     t["params"],
-                    {s: validation_view(found[(t["file"], s)].summary) for s in spec.tune_seeds},
+                    {s: found[(t["file"], s)].summary for s in spec.tune_seeds},  # validation only
                 )
                 tuners[t["method"]].tell(result)
                 results[t["method"]].append(result)
