@@ -219,7 +219,8 @@ class StudyRunner:
             numbers = list(range(first, min(first + spec.parallel_trials, spec.trials)))
             sweep_dir = self.root / "tune" / setting.name / f"batch-{b:03d}"
             plan_file = sweep_dir / "batch.json"
-            if plan_file.exists():  # asked before a stop: the same trials (a rebuilt tuner asks them)
+            # asked before a stop: the same trials (a rebuilt tuner would ask them again)
+            if plan_file.exists():
                 plan = json.loads(plan_file.read_text())
             else:
                 plan = {"setting": setting.name, "batch": b, "trials": []}

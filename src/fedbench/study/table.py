@@ -343,7 +343,8 @@ def _table(rows: list[Row]) -> list[str]:
         "MB sent (up + down)",
     ]
     align = ["---" if h in ("setting", "method", "hyperparameters") else "---:" for h in head]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]  # text left, numbers right
+    # text columns left, numbers right
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         cell = "—" if r.mean is None else _cell(r.mean, r.ci95)
         cell = f"**{cell}**" if r.best else cell + (" ≈" if r.not_worse else "")
