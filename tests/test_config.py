@@ -26,7 +26,8 @@ def test_default_composition_has_the_documented_keys():
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])  # presets: test_experiments.py
 def test_every_choice_composes_and_validates(group):
     for choice in available(group):
-        required = ["dataset.path=uoft-cs/cifar10"] if (group, choice) == ("dataset", "hf") else []
+        required = {("dataset", "hf"): ["dataset.path=uoft-cs/cifar10"],
+                    ("partition", "file"): ["partition.path=partition.json"]}.get((group, choice), [])
         if group == "method" and not lookup("method", str(compose_cfg([f"method={choice}"]).method.name)) \
                 .has_global_model:
             required = ["partition=noniid_s"]  # scored on the clients' own test splits
@@ -43,7 +44,8 @@ def test_expected_choices_are_shipped():
     assert {"logreg", "mlp", "cnn", "lenet5", "resnet18"} <= set(available("backbone"))
     assert {"mnist5k", "digits", "synthetic_logistic", "mnist", "fashion_mnist", "cifar10",
             "cifar100"} <= set(available("dataset"))
-    assert {"iid", "dirichlet", "shards"} <= set(available("partition"))
+    assert {"iid", "dirichlet", "shards", "file"} <= set(available("partition"))
+    assert {"always", "bernoulli", "cyclic", "markov"} <= set(available("availability"))
     assert {"cpu", "cuda", "auto"} <= set(available("hardware"))
 
 
@@ -76,13 +78,14 @@ def test_every_group_yaml_agrees_with_its_typed_defaults():
         WarmStartConfig,
     )
 
-    for kind in ("dataset", "partition", "backbone"):
+    for kind in ("dataset", "partition", "availability", "backbone"):
         for choice in available(kind):
-            cfg = compose_cfg([f"{kind}={choice}"] + (["dataset.path=x"] if choice == "hf" else []))
+            cfg = compose_cfg([f"{kind}={choice}"] + (["dataset.path=x"] if choice == "hf" else [])
+                              + (["partition.path=x"] if choice == "file" else []))
             node = OmegaConf.to_container(cfg[kind], resolve=True)
             defaults = defaults_of(config_class(kind, node["name"]))
             differ = {k for k, v in node.items() if k != "name" and defaults[k] != v}
-            allowed = HF_PRESET_KEYS if choice.endswith("hf") else set()
+            allowed = HF_PRESET_KEYS if choice.endswith("hf") else {"path"} if choice == "file" else set()
             assert differ <= allowed, (kind, choice, differ)
             assert typed_choice(kind, cfg[kind]) == typed_choice(kind, typed_choice(kind, cfg[kind]))
     cfg = compose_cfg(["logger=wandb"])

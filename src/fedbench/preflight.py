@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedbench.errors import ConfigError
 
-GROUPS = ("method", "backbone", "dataset", "partition", "hardware", "logger", "callbacks", "experiment")
+GROUPS = ("method", "backbone", "dataset", "partition", "availability", "hardware", "logger", "callbacks", "experiment")
 ADDED_GROUPS = ("callbacks", "experiment")  # selected with +: +callbacks=[early_stop,csv], +experiment=NAME
 SWEEP_FUNCTIONS = ("range(", "choice(", "glob(", "interval(", "tag(")
 PREFLIGHT_JOBS: dict[str, Any] = {}  # what the pre-flight learnt: number of jobs, (fingerprint, overrides)

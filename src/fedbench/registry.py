@@ -20,10 +20,12 @@ from fedbench.errors import ConfigError
 _TABLES: dict[str, dict[str, Any]] = {}
 _CONFIGS: dict[str, dict[str, Any]] = {}  # kind -> name -> the typed config class of that choice
 _PACKAGES = {"method": ("fedbench.methods",), "dataset": ("fedbench.data",),
-             "partition": ("fedbench.data",), "backbone": ("fedbench.models",),
+             "partition": ("fedbench.data",), "availability": ("fedbench.data",),
+             "backbone": ("fedbench.models",),
              "callback": ("fedbench.callbacks",)}  # one module per callback
 # single modules that register builders too: the built-in callbacks live with the run they serve
-_MODULES = {"callback": ("fedbench.run.callbacks", "fedbench.run.evaluation", "fedbench.run.sinks")}
+_MODULES = {"callback": ("fedbench.run.callbacks", "fedbench.run.evaluation", "fedbench.run.participation",
+                         "fedbench.run.sinks")}
 _DISCOVERED: set[str] = set()
 
 

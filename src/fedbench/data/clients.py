@@ -69,7 +69,10 @@ def sample_cohort(seed: int, round_: int, n_clients: int, participation: float) 
 
 def make_schedule(view: ClientView, cohort: np.ndarray, seed: int, round_: int, batch_size: int,
                   local_epochs: int, local_steps: int | None, dtype: torch.dtype,
-                  device: torch.device | str, noise_dim: int = 0) -> BatchSchedule:
+                  device: torch.device | str, noise_dim: int = 0,
+                  step_fraction: np.ndarray | None = None) -> BatchSchedule:
+    """`step_fraction` [K]: stragglers complete only the first max(1, floor(f x steps)) of their steps
+    with data (the rest masked out, as padding is); the indices drawn are those of the full schedule."""
     sizes = view.sizes()[cohort]
     b = int(batch_size)
     if local_steps is not None:
@@ -100,6 +103,10 @@ def make_schedule(view: ClientView, cohort: np.ndarray, seed: int, round_: int, 
         idx[row] = view.ids[view.offsets[client] + idx[row]]
         if noise is not None:  # drawn after the indices, from the same client generator
             noise[row] = rng.random((s_max, noise_dim))
+    if step_fraction is not None:
+        for row, f in enumerate(step_fraction):
+            done = int((weight[row].sum(-1) > 0).sum())
+            weight[row, max(1, int(math.floor(f * done))):] = 0.0
     step_mask = weight.sum(-1) > 0
     return BatchSchedule(torch.from_numpy(idx).to(device), torch.from_numpy(weight).to(device, dtype),
                          torch.from_numpy(step_mask).to(device), step_mask,

@@ -25,6 +25,8 @@ class PartitionConfig(GroupConfig):
     seed: int | None = spec(None, ge=0)             # null: the run seed
     client_val_fraction: float = spec(0.0, ge=0, lt=1)
     client_test_fraction: float = spec(0.0, ge=0, lt=1)
+    # clients that never train (unseen/* scores them): this share of the clients, drawn with the seed
+    holdout_clients: float = spec(0.0, ge=0, lt=1)
 
     def __post_init__(self) -> None:
         if self.client_val_fraction + self.client_test_fraction >= 1:
@@ -77,13 +79,22 @@ class FlwrConfig(PartitionConfig):
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FileConfig(PartitionConfig):
+    """A partition written by another run (its partition.json) or another tool, in that format."""
+
+    path: str = spec("???", nonempty=True)
+
+
 @dataclass
 class Partition:
-    """Per-client index sets into the training pool, with local train/val/test splits."""
+    """Per-client index sets into the training pool, with local train/val/test splits; `holdout`: the
+    clients that never train (scored as unseen clients)."""
 
     train: list[np.ndarray]
     val: list[np.ndarray]
     test: list[np.ndarray]
+    holdout: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_clients(self) -> int:
@@ -210,13 +221,27 @@ def make_partition(labels: np.ndarray, n_clients: int, cfg: Any, seed: int,
     cfg = typed_choice("partition", cfg)
     rng = np.random.default_rng([int(seed), 0x9A27])
     parts = fn(labels, n_clients, cfg, rng, columns)
+    if isinstance(parts, Partition):  # a partition read whole (partition=file)
+        return parts
     part = split_local(parts, cfg.client_val_fraction,
                        cfg.client_test_fraction, rng)
+    part.holdout = draw_holdout(len(part.train), cfg.holdout_clients, int(seed))
     empty = [k for k, t in enumerate(part.train) if len(t) == 0]
     if empty:
         raise ConfigError(f"partition={cfg.name}: {len(empty)} client(s) got no training samples "
                           f"(e.g. client {empty[0]}); raise partition.min_samples or lower clients")
     return part
+
+
+def draw_holdout(n_clients: int, fraction: float, seed: int) -> np.ndarray:
+    """round(fraction x N) clients that never train, drawn from their own stream of the seed."""
+    n_out = int(round(fraction * n_clients))
+    if fraction > 0 and n_out == 0:
+        raise ConfigError(f"partition.holdout_clients={fraction}: holds out no client of {n_clients}; "
+                          f"use at least {1 / n_clients:.3g}")
+    if n_out >= n_clients:
+        raise ConfigError(f"partition.holdout_clients={fraction}: leaves no client of {n_clients} to train")
+    return np.sort(np.random.default_rng([int(seed), 0x401D]).choice(n_clients, n_out, replace=False))
 
 
 def label_entropy(counts: np.ndarray) -> np.ndarray:

@@ -45,8 +45,10 @@ class RoundContext:
     round: int                 # r = 1..R
     cohort: torch.Tensor       # [K] client ids, on the run's device
     sizes: torch.Tensor        # [K] training-set sizes of the cohort (FedAvg's weights)
-    n_clients: int             # N
+    n_clients: int             # N: the clients that may train (held-out clients never do)
     total_rounds: int          # R
+    steps: torch.Tensor | None = None  # [K] local steps each client completes (stragglers: fewer)
+    dropped: int = 0           # sampled clients whose update never arrives (they got the broadcast)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,17 @@ PADDING_FACTOR = "throughput/padding_factor"
 # local minibatch steps with data, summed over the round's cohort / over all rounds (a study's budget)
 CLIENT_STEPS = "train/client_steps"
 CLIENT_STEPS_TOTAL = "train/client_steps_total"
+# who took part (run/participation.py): per round where the federation is not the idealised one
+# (PARTICIPANTS above: the clients whose update arrived), per run in the summary
+AVAILABLE = "clients/available"
+SAMPLED = "clients/sampled"
+DROPPED = "clients/dropped"
+STRAGGLERS = "clients/stragglers"
+PARTICIPATION_SAMPLED_MEAN = "participation/sampled_mean"   # rounds sampled, mean over clients
+PARTICIPATION_SAMPLED_MIN = "participation/sampled_min"
+PARTICIPATION_NEVER_SAMPLED = "participation/never_sampled"  # clients (not held out) never sampled
+PARTICIPATION_DROPPED = "participation/dropped_total"       # dropped updates over the run
+PARTICIPATION_STRAGGLED = "participation/straggled_total"
 PEAK_RSS_MB = "memory/peak_rss_mb"
 PEAK_DEVICE_MB = "memory/peak_device_mb"
 
@@ -89,6 +100,12 @@ def global_on_clients(split: str, stat: str = "") -> str:
     """The global model on each client's own split (methods with personal models too):
     clients/global_test_acc, clients/global_test_acc_std ..."""
     return f"clients/global_{split}_acc{'_' + stat if stat else ''}"
+
+
+def unseen(stat: str) -> str:
+    """Clients that never trained (partition.holdout_clients): unseen/global_acc, unseen/personal_acc,
+    unseen/global_acc_std ..."""
+    return f"unseen/{stat}"
 
 
 def selection_metric(task: str, has_global_model: bool) -> str:

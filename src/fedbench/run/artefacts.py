@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from fedbench.data.partition_file import portable_fields
 from fedbench.data.partitions import Partition
 from fedbench.tracking.files import write_json
 
@@ -19,6 +20,7 @@ _HEATMAPS: dict[str, Path] = {}  # partition heatmaps drawn by this process, by 
 
 def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_classes: int,
                     stats: dict[str, float], cfg: DictConfig) -> None:
+    """partition.json: the portable split (indices, hash; data/partition_file.py) and what describes it."""
     counts = part.class_counts(labels, num_classes)
     write_json(run_dir / "partition.json", {
         "partition": OmegaConf.to_container(cfg.partition, resolve=True),
@@ -28,7 +30,8 @@ def write_partition(run_dir: Path, part: Partition, labels: np.ndarray, num_clas
         "val_sizes": [len(v) for v in part.val],
         "test_sizes": [len(t) for t in part.test],
         "stats": stats,
-    })
+        **portable_fields(part, labels, str(cfg.dataset.name)),
+    }, indent=None)  # compact: it holds every sample's index
     # jobs of one sweep often share a partition (they differ in lr or a method's key): drawn once
     key = hashlib.sha1(counts.tobytes() + repr((counts.shape, str(cfg.partition.name),
                                                  round(stats["label_entropy_mean"], 6))).encode()).hexdigest()

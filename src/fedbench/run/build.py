@@ -19,8 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedbench.config import typed_choice
-from fedbench.data.clients import BatchSchedule, ClientView, make_schedule, sample_cohort
+from fedbench.data.availability import build_availability
+from fedbench.data.clients import BatchSchedule, ClientView, make_schedule
 from fedbench.data.datasets import load_dataset
+from fedbench.data.federation import DropoutConfig, Federation, StragglerConfig
 from fedbench.data.partitions import Partition, make_partition, partition_stats
 from fedbench.engine.distributed import SINGLE, ShardedExecutor, World
 from fedbench.engine.executors import Executor, ExecutorOptions, pick_executor, resolve_memory_format
@@ -69,6 +71,7 @@ class Run:
     fused_runs: int = 1            # runs whose clients computed together with this one's (fused sweeps)
     # (round, (val, test) metrics of the global model) when a fused group evaluated it with its peers
     evaluated: tuple[int, tuple[dict, dict]] | None = None
+    federation: Federation | None = None  # who takes part in each round (set by build_run)
 
     @property
     def rounds(self) -> int:
@@ -87,15 +90,19 @@ class Run:
         return self.schedule_round(r)
 
     def schedule_round(self, r: int) -> tuple[RoundContext, BatchSchedule]:
-        """The round's cohort and batch schedule, drawn from (seed, round, client) and the config only:
-        the loop builds round r+1's while the device still works on round r."""
+        """The round's cohort (the clients whose update arrives) and batch schedule, drawn from (seed,
+        round, client) and the config only: the loop builds round r+1's while the device still works on
+        round r."""
         cfg, seed = self.cfg, int(self.cfg.seed)
-        cohort_np = sample_cohort(seed, r, self.view.num_clients, float(cfg.participation))
-        sched = make_schedule(self.view, cohort_np, seed, r, int(cfg.batch_size),
+        plan = self.federation.plan(r)
+        stragglers = plan.step_fraction if (plan.step_fraction < 1).any() else None
+        sched = make_schedule(self.view, plan.cohort, seed, r, int(cfg.batch_size),
                               self.method.local_epochs(int(cfg.local_epochs)),
-                              cfg.local_steps, self.dtype, self.device, self.method.noise_dim)
-        cohort = torch.as_tensor(cohort_np, device=self.device)
-        return RoundContext(r, cohort, self.sizes[cohort], self.view.num_clients, self.rounds), sched
+                              cfg.local_steps, self.dtype, self.device, self.method.noise_dim, stragglers)
+        cohort = torch.as_tensor(plan.cohort, device=self.device)
+        steps = torch.as_tensor(sched.host_mask().sum(1), dtype=self.dtype, device=self.device)
+        return RoundContext(r, cohort, self.sizes[cohort], self.federation.eligible, self.rounds, steps,
+                            len(plan.sampled) - len(plan.cohort)), sched
 
     def lr_at(self, r: int) -> float:
         return self.lr_schedule(float(self.cfg.lr), r, self.rounds)
@@ -227,10 +234,19 @@ def build_run(cfg: DictConfig, run_dir: Path, checkpoint: dict[str, Any] | None 
     # per-client evaluation: a classifier backbone and clients with their own val/test splits
     run.has_local_splits = (dataset.task == "classification" and model is not None
                             and (any(len(t) for t in part.test) or any(len(v) for v in part.val)))
+    run.federation = build_federation(cfg, part)
     run.executor = choose_executor(run)
     if world.size > 1:
         run.executor = ShardedExecutor(run.executor, world)
     return run
+
+
+def build_federation(cfg: DictConfig, part: Partition) -> Federation:
+    """Availability, held-out clients, dropouts and stragglers of the run (all seeded by the run)."""
+    seed = int(cfg.seed)
+    availability = build_availability(cfg.availability, part.num_clients, seed)
+    return Federation(part.num_clients, float(cfg.participation), seed, availability, part.holdout,
+                      typed_group(cfg, "dropout", DropoutConfig), typed_group(cfg, "straggler", StragglerConfig))
 
 
 def run_device(cfg: DictConfig, world: World = SINGLE) -> torch.device:
@@ -280,6 +296,7 @@ def dry_build(cfg: DictConfig) -> None:
     dtype = torch.float64 if str(cfg.hardware.dtype) == "float64" else torch.float32
     device = torch.device("cpu")
     dataset, part, _ = load_data(cfg, Path("."), device, dtype, write=False)
+    build_federation(cfg, part)
     probe = dataset.x_train[:2]
     if str(OmegaConf.select(cfg, "features.extractor", default="none")) != "none":
         extractor = build_model(extractor_config(features_config(cfg)), dataset.input_shape, dataset.num_classes)

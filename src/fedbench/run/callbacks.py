@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 STAGES = ("evaluate", "measure", "sink", "guard")
 # every run has these, in this order by stage; `logger.sinks` and `callbacks` add to them
-BUILT_IN = ("evaluation", "progress", "files", "divergence", "checkpoint")
+BUILT_IN = ("evaluation", "participation", "progress", "files", "divergence", "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +309,7 @@ def build_callbacks(
     progress = known["progress"]
     out: list[Callback] = [
         known["evaluation"](),
+        known["participation"](),
         progress(progress.Config(enabled=bool(cfg.progress))),
         known["files"](),
         DivergenceCallback(),

@@ -57,6 +57,10 @@ def alone_reason(cfg: DictConfig) -> str | None:
         return f"method {cfg.method.name} does not declare itself fusable"
     if int(cfg.hardware.workers) > 1:
         return f"hardware.workers={cfg.hardware.workers} (a run over several processes)"
+    if str(cfg.availability.name) != "always" or float(cfg.dropout.rate) > 0 or float(cfg.straggler.rate) > 0 \
+            or float(cfg.partition.get("holdout_clients") or 0) > 0:
+        return "its federation is not the idealised one (availability, dropouts, stragglers or held-out " \
+               "clients: cohorts differ between runs)"
     return None
 
 

@@ -42,6 +42,8 @@ def run_round(method: Method, executor: Executor, gstate: dict[str, Any], cstate
               ctx: RoundContext, view: ClientView, sched: BatchSchedule) -> RoundOutput:
     """broadcast -> clients (executor) -> aggregate; bytes counted from the real payloads."""
     down = method.broadcast(gstate, ctx)
+    if len(ctx.cohort) == 0:
+        return empty_round(method, gstate, cstates, down, ctx)
     res = executor.run(method.client_fns(ctx), down.tensors, tree_index(cstates, ctx.cohort), ctx.cohort, view,
                        sched)
     return close_round(method, gstate, down, res, ctx)
@@ -52,13 +54,21 @@ def close_round(method: Method, gstate: dict[str, Any], down: Payload, res: Roun
     """The server's half of a round, after the clients' results (`res`) arrived: aggregate, then the
     server's change to the cohort's client states; bytes counted from the real payloads."""
     new_gstate, metrics, bytes_up, up = server_step(method, gstate, res, ctx)
-    bytes_down = payload_bytes(down) * len(ctx.cohort)
+    bytes_down = payload_bytes(down) * (len(ctx.cohort) + ctx.dropped)  # dropped clients got it too
     client_states = res.client_states
     if up is not None:  # the server may change the cohort's client states (sent to each of them)
         client_states, sent = method.personalize(new_gstate, client_states, up, ctx)
         bytes_down += payload_bytes(sent) if sent is not None else 0
     return RoundOutput(new_gstate, client_states, res.loss, res.samples, bytes_up, bytes_down, metrics,
                        res.padding_factor, res.client_steps)
+
+
+def empty_round(method: Method, gstate: dict[str, Any], cstates: dict[str, Any], down: Payload,
+                ctx: RoundContext) -> RoundOutput:
+    """A round in which no update arrives (nobody available, or every sampled client dropped): the
+    server state stays as it is; the dropped clients' downlink is counted."""
+    loss = torch.zeros(0, dtype=ctx.sizes.dtype, device=ctx.sizes.device)
+    return RoundOutput(gstate, tree_index(cstates, ctx.cohort), loss, 0, 0, payload_bytes(down) * ctx.dropped, {})
 
 
 def server_step(method: Method, gstate: dict[str, Any], res: RoundResult,
@@ -164,7 +174,7 @@ def round_row(run: Run, state: RunState, out: RoundOutput, seconds: float) -> di
         names.BYTES_UP_TOTAL: t["bytes_up"], names.BYTES_DOWN_TOTAL: t["bytes_down"],
         names.BYTES_TOTAL: t["bytes_up"] + t["bytes_down"],
     }
-    if run.method.reports_train_loss:
+    if run.method.reports_train_loss and len(out.loss):
         row[names.TRAIN_LOSS] = float(out.loss.mean())  # the round's one host sync for the loss
     if run.lr_schedule.name != "constant":
         row[names.TRAIN_LR] = run.lr_at(state.round)

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedbench.config import GroupConfig, MethodConfig, build_config
+from fedbench.data.federation import DropoutConfig, StragglerConfig
 from fedbench.engine.optim import LrSchedule
 from fedbench.errors import ConfigError
 from fedbench.registry import config_class, lookup
@@ -30,7 +31,7 @@ from fedbench.settings import (
 )
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-GROUPS_WITH_CHOICES = ("dataset", "partition", "backbone")
+GROUPS_WITH_CHOICES = ("dataset", "partition", "availability", "backbone")
 
 
 def values_of(node: Any, key: str) -> dict[str, Any]:
@@ -73,7 +74,8 @@ def check_groups(cfg: DictConfig) -> MethodConfig:
     if "wandb" in cfg.logger:
         typed_group(cfg, "logger.wandb", WandbConfig)
     check_callbacks(cfg)
-    for key, config_cls in (("warm_start", WarmStartConfig), ("features", FeaturesConfig),
+    for key, config_cls in (("dropout", DropoutConfig), ("straggler", StragglerConfig),
+                            ("warm_start", WarmStartConfig), ("features", FeaturesConfig),
                             ("metrics", MetricsConfig), ("lr_schedule", LrSchedule)):
         if key in cfg:
             typed_group(cfg, key, config_cls)

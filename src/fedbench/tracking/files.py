@@ -20,9 +20,10 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Atomically (a reader never sees half a file); `indent=None`: compact (long index lists)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 
 
