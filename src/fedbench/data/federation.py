@@ -15,6 +15,7 @@ max_fraction) of its local steps (at least one) and the server aggregates what i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,15 @@ class StragglerConfig(GroupConfig):
         if self.min_fraction > self.max_fraction:
             raise ConfigError(f"straggler.min_fraction={self.min_fraction} exceeds straggler.max_fraction="
                               f"{self.max_fraction}")
+
+
+def departure(cfg: Any) -> str | None:
+    """What makes a run's federation differ from the idealised one (everyone available, nobody held
+    out, drops or straggles), as `key=value`; None for the idealised one."""
+    checks = (("availability", str(cfg.availability.name), "always"),
+              ("partition.holdout_clients", float(cfg.partition.get("holdout_clients") or 0.0), 0.0),
+              ("dropout.rate", float(cfg.dropout.rate), 0.0), ("straggler.rate", float(cfg.straggler.rate), 0.0))
+    return next((f"{key}={value}" for key, value, ideal in checks if value != ideal), None)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ class AnalyticMethod(Method):
         if participation != 1.0:
             raise ConfigError(f"participation={participation}: method={self.name} needs every client every "
                               f"round; set participation=1.0")
+        if run.federation is not None:
+            raise ConfigError(f"{run.federation}: method={self.name} needs every client's statistics every "
+                              f"round (availability=always, no held-out clients, dropouts or stragglers)")
         if local_epochs != 1 or local_steps is not None:
             raise ConfigError(f"method={self.name} makes one pass over each client's data; set local_epochs=1 "
                               f"and local_steps=null")

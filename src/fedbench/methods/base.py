@@ -34,6 +34,8 @@ Optional, with the defaults below (override what the method needs; nothing is pr
     predict(gstate, x)          the global model's outputs (default: the backbone with eval_state)
     personal_params(gstate, client_state, x_train, y_train) -> the (params, buffers) a client predicts
                                 with (default: the global model, so every method is scored per client)
+    new_client_params(gstate, client_state, x_train, y_train) -> the same for a client that never
+                                trained (held-out clients, unseen/*): the method's rule for a new client
     gated_final(gstate)         the sparsified tensors (density, TDR); None: the method does not sparsify
     expected_density(gstate)    mean P(gate open); None where it does not apply
 Declared flags: batchable, prefers_sequential, uses_backbone, has_global_model, reports_train_loss,
@@ -81,6 +83,7 @@ class RunSpec:
     participation: float
     local_epochs: int
     local_steps: int | None
+    federation: str | None = None  # what departs from everyone-every-round (data/federation.departure)
 
 
 class Method:
@@ -200,6 +203,13 @@ class Method:
     def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
         return self.eval_state(gstate)
+
+    def new_client_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                          y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        """What a client that never trained (`cstate`: its starting client state) predicts with, given its
+        own training samples (unseen/* metrics). Default: `personal_params` (the global model for methods
+        without personal models); personalized methods fit their personal part first."""
+        return self.personal_params(gstate, cstate, x_train, y_train)
 
     def model_tensors(self, gstate: dict[str, Any]) -> Tensors:
         return gstate["params"]

@@ -13,13 +13,12 @@ import torch
 from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.methods.base import Tensors
-from fedbench.methods.local_sgd import LocalSGDConfig
-from fedbench.methods.personal import PersonalizedMethod, per_client
+from fedbench.methods.personal import PersonalConfig, PersonalizedMethod, per_client
 from fedbench.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class DittoConfig(LocalSGDConfig):
+class DittoConfig(PersonalConfig):
     lam: float = spec(0.1, ge=0)  # pull of the personal model toward the global one
 
 
@@ -53,3 +52,10 @@ class Ditto(PersonalizedMethod):
     def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
         return dict(cstate["personal"]), gstate["buffers"]
+
+    def new_client_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                          y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        """A new client's personal model starts from the global one (where its pull points) and takes
+        `personal_steps` full-batch steps on its own samples."""
+        params = dict(gstate["params"])
+        return self.fit_personal(params, gstate["buffers"], list(params), x_train, y_train), gstate["buffers"]

@@ -13,13 +13,12 @@ from fedbench.config import spec
 from fedbench.engine.functional import grad
 from fedbench.engine.optim import sgd_step
 from fedbench.methods.base import Tensors
-from fedbench.methods.local_sgd import LocalSGDConfig
-from fedbench.methods.personal import PersonalizedMethod
+from fedbench.methods.personal import PersonalConfig, PersonalizedMethod
 from fedbench.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class FedBABUConfig(LocalSGDConfig):
+class FedBABUConfig(PersonalConfig):
     finetune_steps: int = spec(10, ge=0)  # full-batch head steps before a client predicts
     finetune_lr: float = spec(0.05, gt=0)
 
@@ -50,3 +49,7 @@ class FedBABU(PersonalizedMethod):
                 g = grad(loss)(head)
                 head = sgd_step(head, g, self.cfg.finetune_lr)
         return {**params, **head}, buffers
+
+    def new_client_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                          y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        return self.personal_params(gstate, cstate, x_train, y_train)  # its fine-tuning is the rule

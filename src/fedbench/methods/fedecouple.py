@@ -32,8 +32,7 @@ from fedbench.engine.optim import sgd_step
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors
-from fedbench.methods.local_sgd import LocalSGDConfig
-from fedbench.methods.personal import PersonalizedMethod, per_client
+from fedbench.methods.personal import PersonalConfig, PersonalizedMethod, per_client
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
@@ -59,7 +58,7 @@ def fair_weights(sizes: torch.Tensor, similarity: torch.Tensor, temperature: flo
 
 
 @dataclasses.dataclass(frozen=True)
-class FedeCoupleConfig(LocalSGDConfig):
+class FedeCoupleConfig(PersonalConfig):
     # any ordering / subset of the three phases
     phase_order: tuple[str, ...] = spec(PHASES, choices=PHASES)
     # share of each client's local steps per phase

@@ -34,8 +34,7 @@ from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors
-from fedbench.methods.local_sgd import LocalSGDConfig
-from fedbench.methods.personal import PersonalizedMethod
+from fedbench.methods.personal import PersonalConfig, PersonalizedMethod
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
@@ -82,7 +81,7 @@ def simplex_qp(p: torch.Tensor, tol: float = 1e-12, max_iter: int = 500) -> torc
 
 
 @dataclasses.dataclass(frozen=True)
-class FedPACConfig(LocalSGDConfig):
+class FedPACConfig(PersonalConfig):
     momentum: float = spec(0.5, ge=0, lt=1)  # the official code's SGD (both phases)
     weight_decay: float = spec(5e-4, ge=0)
     lam: float = spec(1.0, ge=0)  # weight of the feature alignment (MSE to the global prototypes)

@@ -17,14 +17,13 @@ from fedbench.engine.functional import grad
 from fedbench.engine.protocol import RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors
-from fedbench.methods.local_sgd import LocalSGDConfig
-from fedbench.methods.personal import PersonalizedMethod
+from fedbench.methods.personal import PersonalConfig, PersonalizedMethod
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class FedProtoConfig(LocalSGDConfig):
+class FedProtoConfig(PersonalConfig):
     lam: float = spec(1.0, ge=0)  # weight of the prototype pull
 
 

@@ -14,13 +14,12 @@ import torch
 
 from fedbench.config import spec
 from fedbench.errors import ConfigError
-from fedbench.methods.local_sgd import LocalSGDConfig
-from fedbench.methods.personal import PersonalizedMethod
+from fedbench.methods.personal import PersonalConfig, PersonalizedMethod
 from fedbench.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class FedRepConfig(LocalSGDConfig):
+class FedRepConfig(PersonalConfig):
     head_epochs: int = spec(10, ge=0)  # local epochs of the head per round (paper: 10)
     body_epochs: int = spec(1, ge=0)  # then local epochs of the body (paper: 1)
     # set: the run's local_epochs/local_steps, this share on the head

@@ -42,6 +42,10 @@ class LocalSGDConfig(MethodConfig):
     # BatchNorm in local training: batch statistics (updated) | frozen (the
     bn: str = spec("batch", choices=("batch", "frozen"))
     # starting statistics, never updated: FedSQ's default, a control for it)
+    # the server's mean of client models: none (n_k-weighted) | fednova (Wang et al. 2020: each
+    # client's change divided by its local steps tau_k, the mean rescaled by sum_k p_k tau_k, so that
+    # clients that ran more steps (larger data, or not stragglers) do not pull the model their way)
+    normalize: str = spec("none", choices=("none", "fednova"))
 
     def __post_init__(self) -> None:  # subclasses call it for their cross-key checks
         if self.server_opt == "momentum" and self.server_momentum == 0:
@@ -56,6 +60,7 @@ class LocalSGDMethod(Method):
     Config = LocalSGDConfig
     step_size_keys = ("server_lr",)
     aggregates_by_shares = True
+    averages_models = True  # the server takes a weighted mean of client models (method.normalize applies)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -82,6 +87,9 @@ class LocalSGDMethod(Method):
         self.client_opt_plain = dataclasses.replace(
             self.client_opt, momentum=0.0
         )  # a state without momentum
+        if self.cfg.normalize != "none" and not self.averages_models:
+            raise ConfigError(f"method.normalize={self.cfg.normalize}: method={self.name} does not aggregate "
+                              f"by a weighted mean of client models; leave method.normalize=none")
         if self.cfg.bn == "frozen" and self.model is not None:
             # BatchNorm normalises with, and keeps, the starting running statistics
             self.model.eval()
@@ -118,21 +126,33 @@ class LocalSGDMethod(Method):
         )
 
     def uplink_share(self, up: dict[str, Any], ctx: RoundContext, rows: slice) -> dict[str, Any]:
-        """Clients `rows`' share of the n_k-weighted mean model and buffers."""
+        """Clients `rows`' share of the n_k-weighted mean model and buffers (fednova: of
+        sum_k a_k w_k with a_k = tau_eff p_k / tau_k; `aggregate_shares` adds the rest)."""
         w, total, first = (
             ctx.sizes[rows],
             ctx.sizes.sum(),
             rows.start == 0 and rows.stop > rows.start,
         )
+        model_w, model_total = (self.fednova_weights(ctx)[rows], 1.0) if self.cfg.normalize == "fednova" \
+            else (w, total)
         return {
-            "params": mean_share(up["params"], w, total, first),
+            "params": mean_share(up["params"], model_w, model_total, first),
             "buffers": mean_share(up["buffers"], w, total, first),
         }
+
+    def fednova_weights(self, ctx: RoundContext) -> torch.Tensor:
+        """[K] a_k = tau_eff p_k / tau_k (p_k = n_k / sum n, tau_k the local steps client k completed,
+        tau_eff = sum_k p_k tau_k): sum_k a_k (w_k - w) is FedNova's normalised update."""
+        p = ctx.sizes / ctx.sizes.sum()
+        tau = ctx.steps.to(p.dtype).clamp_min(1.0)
+        return (p * tau).sum() * p / tau
 
     def aggregate_shares(
         self, gstate: dict[str, Any], reduced: dict[str, Any], ctx: RoundContext
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        delta = {k: reduced["params"][k] - gstate["params"][k] for k in reduced["params"]}
+        # the reduced model is sum_k a_k w_k: its change is that minus (sum_k a_k) w (1 for a mean)
+        scale = self.fednova_weights(ctx).sum() if self.cfg.normalize == "fednova" else 1.0
+        delta = {k: reduced["params"][k] - scale * gstate["params"][k] for k in reduced["params"]}
         new = self.server_apply(gstate, delta)
         new["buffers"] = reduced["buffers"]
         return self.post_aggregate(gstate, new, reduced, ctx)

@@ -9,16 +9,19 @@ multi-phase local training (`grad_mask`), and optionally their own local loss.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch.func import functional_call
 
+from fedbench.config import spec
 from fedbench.engine.functional import grad, per_sample_loss, weighted_mean
+from fedbench.engine.optim import sgd_step
 from fedbench.engine.protocol import ClientFns, RoundContext, RunContext
 from fedbench.errors import ConfigError
 from fedbench.methods.base import Tensors
-from fedbench.methods.local_sgd import LocalSGDMethod
+from fedbench.methods.local_sgd import LocalSGDConfig, LocalSGDMethod
 from fedbench.metrics.comm import Payload
 
 
@@ -32,7 +35,17 @@ def sub(tree: Tensors, prefix: str) -> Tensors:
     return {k[len(prefix):]: v for k, v in tree.items() if k.startswith(prefix)}
 
 
+@dataclasses.dataclass(frozen=True)
+class PersonalConfig(LocalSGDConfig):
+    # a client that never trained (partition.holdout_clients) fits its personal part this many
+    # full-batch gradient steps on its own training samples before it predicts (unseen/personal_acc)
+    personal_steps: int = spec(20, ge=0)
+    personal_lr: float | None = spec(None, gt=0)   # null: the run's lr
+
+
 class PersonalizedMethod(LocalSGDMethod):
+    averages_models = False  # shared parts are averaged by `average` (FedNova's rule does not apply)
+    Config = PersonalConfig
     shared = "all"
     has_global_model = False  # False: accuracy is only meaningful per client (personal/*)
     has_personal_models = True
@@ -163,3 +176,30 @@ class PersonalizedMethod(LocalSGDMethod):
         if self.private_buffers:
             return params, dict(cstate["private_buffers"])
         return params, gstate["buffers"]
+
+    def new_client_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                          y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
+        """A new client: the server's shared part, its private part where every client starts, then
+        `personal_steps` full-batch steps on its own samples on the personal part (the private keys;
+        the head where everything is shared), the rest frozen."""
+        params, buffers = self.personal_params(gstate, cstate, x_train, y_train)
+        return self.fit_personal(params, buffers, self.new_client_keys(), x_train, y_train), buffers
+
+    def new_client_keys(self) -> list[str]:
+        return list(self.private_keys) or [k for k in self.shared_keys if k.startswith("head.")]
+
+    def fit_personal(self, params: Tensors, buffers: Tensors, keys: list[str], x: torch.Tensor,
+                     y: torch.Tensor) -> Tensors:
+        """`personal_steps` full-batch gradient steps on `keys` of `params` (the others frozen)."""
+        lr = self.cfg.personal_lr if self.cfg.personal_lr is not None else self.lr
+        w = torch.ones(len(y), dtype=next(iter(params.values())).dtype, device=y.device)
+        fitted = {k: params[k] for k in keys}
+        frozen = {k: v for k, v in params.items() if k not in fitted}
+
+        def loss(p: Tensors) -> torch.Tensor:
+            return self.loss_fn({**frozen, **p}, buffers, x, y, w)[0]
+
+        with torch.enable_grad():
+            for _ in range(self.cfg.personal_steps):
+                fitted = sgd_step(fitted, grad(loss)(fitted), lr)
+        return {**frozen, **fitted}

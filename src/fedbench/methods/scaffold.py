@@ -34,6 +34,7 @@ class ScaffoldConfig(LocalSGDConfig):
 
 @register("method", "scaffold")
 class Scaffold(LocalSGDMethod):
+    averages_models = False  # it averages model and control-variate changes its own way
     name = "scaffold"
     Config = ScaffoldConfig
     fusable = True

@@ -22,7 +22,7 @@ from fedbench.config import typed_choice
 from fedbench.data.availability import build_availability
 from fedbench.data.clients import BatchSchedule, ClientView, make_schedule
 from fedbench.data.datasets import load_dataset
-from fedbench.data.federation import DropoutConfig, Federation, StragglerConfig
+from fedbench.data.federation import DropoutConfig, Federation, StragglerConfig, departure
 from fedbench.data.partitions import Partition, make_partition, partition_stats
 from fedbench.engine.distributed import SINGLE, ShardedExecutor, World
 from fedbench.engine.executors import Executor, ExecutorOptions, pick_executor, resolve_memory_format
@@ -197,7 +197,8 @@ def build_method(cfg: DictConfig, dataset: Any, ctx: RunContext,
         ctx = dataclasses.replace(ctx, model=model, loss_fn=make_loss_fn(model, dataset.task, autocast),
                                   params=params, buffers=buffers)
     method.setup(ctx)
-    method.check_run(RunSpec(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs), cfg.local_steps))
+    method.check_run(RunSpec(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs), cfg.local_steps,
+                             departure(cfg)))
     return method, model, provenance, ctx
 
 

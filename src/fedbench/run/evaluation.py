@@ -113,7 +113,51 @@ def evaluate_global_on_clients(method: Method, gstate: dict[str, Any], model: to
 
 
 def _scored_clients(part: Partition) -> list[int]:
-    return [k for k in range(part.num_clients) if len(part.val[k]) or len(part.test[k])]
+    """Clients that trained (not held out) and hold a local split."""
+    held = set(part.holdout.tolist())
+    return [k for k in range(part.num_clients) if k not in held and (len(part.val[k]) or len(part.test[k]))]
+
+
+def evaluate_unseen(method: Method, gstate: dict[str, Any], cstates: dict[str, Any],
+                    model: torch.nn.Module | None, dataset: Any, part: Partition) -> dict[str, float]:
+    """Clients that never trained (partition.holdout_clients), scored on their test splits (all their
+    samples where clients have no test split: none was ever trained on): the global model
+    (unseen/global_*, pooled over their samples, with the spread over clients for backbone classifiers)
+    and, for methods with personal models, the method's rule for a new client fitted on the client's
+    training samples (unseen/personal_acc*)."""
+    held = part.holdout.tolist()
+    scored = part.test if any(len(part.test[k]) for k in held) else part.train
+    clients = [k for k in held if len(scored[k])]
+    if not clients:
+        return {}
+    empty = [np.zeros(0, dtype=np.int64)] * part.num_clients
+    view = Partition(train=part.train, val=empty, test=[scored[k] if k in clients else empty[0]
+                                                        for k in range(part.num_clients)])
+    out: dict[str, float] = {}
+    classifier = dataset.task == "classification" and model is not None and method.predicts_with_backbone
+    if method.has_global_model:
+        idx = torch.as_tensor(np.concatenate([scored[k] for k in clients]), device=dataset.x_train.device)
+        pooled = evaluate_fn(lambda x: method.predict(gstate, x), dataset.x_train[idx], dataset.y_train[idx],
+                             dataset.task)
+        out.update({names.unseen(f"global_{k}"): v for k, v in pooled.items()})
+        if classifier:
+            shared = method.eval_state(gstate)
+            # the mean is the pooled accuracy above; this adds the spread over clients and the worst one
+            out.update(_client_accuracy({k: shared for k in clients}, model, dataset, view, 64,
+                                        _unseen_name("global_acc")))
+    if method.has_personal_models and classifier:
+        models = {}
+        for k in clients:
+            train = torch.as_tensor(part.train[k], device=dataset.x_train.device)
+            models[k] = method.new_client_params(gstate, tree_index(cstates, k), dataset.x_train[train],
+                                                 dataset.y_train[train])
+        out.update(_client_accuracy(models, model, dataset, view, 64, _unseen_name("personal_acc")))
+    return out
+
+
+def _unseen_name(metric: str) -> Any:
+    """name(split, stat) for `_client_accuracy`: unseen/METRIC, unseen/METRIC_std ... (one split)."""
+    return lambda split, stat="": names.unseen(metric + (f"_{stat}" if stat else ""))
 
 
 def _client_accuracy(models: dict[int, tuple[dict, dict]], model: torch.nn.Module, dataset: Any,
@@ -232,6 +276,8 @@ class EvaluationCallback(Callback):
             return False, out
         if method.has_global_model:
             out.update(self.global_metrics(run, state))
+        if len(run.part.holdout):
+            out.update(evaluate_unseen(method, state.gstate, state.cstates, run.model, run.dataset, run.part))
         if run.has_local_splits:
             personal = evaluate_personal(method, state.gstate, state.cstates, run.model, run.dataset, run.part)
             out.update(personal)

@@ -26,6 +26,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from fedbench.composition import shared_composition
+from fedbench.data.federation import departure
 from fedbench.engine.fused import reuse_large_allocations
 from fedbench.errors import ConfigError, Preempted
 from fedbench.registry import lookup
@@ -57,10 +58,9 @@ def alone_reason(cfg: DictConfig) -> str | None:
         return f"method {cfg.method.name} does not declare itself fusable"
     if int(cfg.hardware.workers) > 1:
         return f"hardware.workers={cfg.hardware.workers} (a run over several processes)"
-    if str(cfg.availability.name) != "always" or float(cfg.dropout.rate) > 0 or float(cfg.straggler.rate) > 0 \
-            or float(cfg.partition.get("holdout_clients") or 0) > 0:
-        return "its federation is not the idealised one (availability, dropouts, stragglers or held-out " \
-               "clients: cohorts differ between runs)"
+    federation = departure(cfg) or ("partition=file" if str(cfg.partition.name) == "file" else None)
+    if federation is not None:  # (a partition file may hold clients out)
+        return f"{federation}: its cohorts may differ from its peers' (availability, held-out clients, dropouts)"
     return None
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedbench.data.federation import departure
 from fedbench.metrics import names
 from fedbench.run.callbacks import Callback, RunEnd, callback
 from fedbench.tracking.files import write_json
@@ -24,9 +25,7 @@ log = logging.getLogger("fedbench")
 
 def idealised(run: Run) -> bool:
     """Everyone available, nobody held out, nobody drops or straggles (fedbench's original rounds)."""
-    f = run.federation
-    return (str(run.cfg.availability.name) == "always" and len(f.holdout) == 0 and f.dropout.rate == 0
-            and f.straggler.rate == 0)
+    return departure(run.cfg) is None and len(run.federation.holdout) == 0  # (a partition file's too)
 
 
 @callback("participation")

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedbench.config import GroupConfig, MethodConfig, build_config
-from fedbench.data.federation import DropoutConfig, StragglerConfig
+from fedbench.data.federation import DropoutConfig, StragglerConfig, departure
 from fedbench.engine.optim import LrSchedule
 from fedbench.errors import ConfigError
 from fedbench.registry import config_class, lookup
@@ -145,7 +145,7 @@ def validate(cfg: DictConfig, check_device: bool = True) -> None:
     _check_inputs(cfg, method_cls.uses_backbone)
     _check_scored(cfg, method_cls)
     method_cls(method_cfg).check_run(RunSpec(int(cfg.rounds), float(cfg.participation), int(cfg.local_epochs),
-                                             cfg.local_steps))
+                                             cfg.local_steps, departure(cfg)))
     if check_device:
         _check_workers(cfg, resolve_device(str(cfg.hardware.device)))
 
