@@ -147,6 +147,7 @@ def test_every_default_callback_has_a_registered_name_and_the_list_is_sorted_by_
     names = [cb.name for cb in build_callbacks(cfg)]
     assert names == [
         "evaluation",
+        "participation",
         "early_stop",
         "progress",
         "files",

@@ -358,3 +358,36 @@ def test_a_partition_file_for_another_dataset_or_federation_is_one_line_exit_2(t
         assert proc.returncode == 2, proc.stderr[-800:]
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and words in lines[0], proc.stderr
+
+
+def test_participation_counts_reach_the_wandb_run_file(tmp_path):
+    from conftest import TINY
+
+    from fedbench.tracking.wandb_file import read_run
+
+    cfg = TINY + ["rounds=3", "logger=wandb", "logger.wandb.mode=offline", "dropout.rate=0.5",
+                  "availability=cyclic", "availability.blocks=2"]
+    summary = run_experiment(compose_cfg(cfg), tmp_path)
+    run = read_run(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    hist = [h for h in run["history"] if "clients/dropped" in h]
+    assert [h["clients/dropped"] for h in hist] == [r["clients/dropped"] for r in rows]
+    assert [r["clients/available"] for r in rows] == [5, 5, 5]
+    for key in ("participation/sampled_mean", "participation/dropped_total", "participation/never_sampled"):
+        assert run["summary"][key] == summary[key]
+    record = json.loads((tmp_path / "participation.json").read_text())
+    assert summary["participation/dropped_total"] == sum(record["dropped"]) == sum(r["clients/dropped"]
+                                                                                   for r in rows)
+    assert (tmp_path / "participation.png").exists()
+
+
+def test_the_sweep_report_draws_the_participation_histogram(tmp_path):
+    from conftest import TINY, run_cli
+
+    from fedbench.report import report
+
+    proc = run_cli(["--multirun", *TINY, "rounds=3", "seed=0,1", "availability=bernoulli",
+                    "dropout.rate=0,0.5", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    out = report(tmp_path / "sweep", tmp_path / "report")
+    assert tmp_path / "report" / "participation.png" in out["plots"]

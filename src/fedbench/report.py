@@ -281,7 +281,42 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
         written += _sparsity_plot(df, out)
     if "partition.alpha" in df and df["partition.alpha"].nunique() > 1 and "best/round" in df:
         written.append(_rounds_to_best_plot(df, out, note))
+    if "clients/sampled" in df and df["clients/sampled"].notna().any():  # a federation with availability etc.
+        written += _participation_plot(df, labels, out)
     return written
+
+
+def _participation_plot(df: pd.DataFrame, labels: list[str], out: Path) -> list[Path]:
+    """Histogram of rounds each client was sampled (participation.json), pooled over the seeds of each
+    setting: how unequal participation was."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for name, group in df.groupby([c for c in labels if c in df], dropna=False, sort=True):
+        counts = []
+        for run_dir in group["run_dir"]:
+            path = Path(run_dir) / "participation.json"
+            if path.exists():
+                record = json.loads(path.read_text())
+                held = set(record.get("holdout", []))
+                counts += [c for k, c in enumerate(record["sampled"]) if k not in held]
+        if counts:
+            label = ", ".join(f"{_short(c)}={v}" for c, v in zip(labels, np.atleast_1d(name), strict=False))
+            ax.hist(counts, bins=range(0, max(counts) + 2), alpha=0.5, label=label)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return []
+    ax.set_xlabel("rounds a client was sampled")
+    ax.set_ylabel("clients (all seeds)")
+    ax.legend(fontsize=7)
+    ax.set_title("participation per client")
+    fig.tight_layout()
+    fig.savefig(out / "participation.png", dpi=110)
+    plt.close(fig)
+    return [out / "participation.png"]
 
 
 def _rounds_to_best_plot(df: pd.DataFrame, out: Path, note: str) -> Path:
