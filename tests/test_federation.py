@@ -221,7 +221,6 @@ def test_sigterm_then_the_same_command_resumes_exactly_with_a_realistic_federati
     import time
 
     from conftest import PLUGIN_CONF, PLUGIN_ENV, PLUGINS
-
     from fedbench.config import register_schemas
 
     args = [*REF_BASE, *REALISTIC, "method=waiting", "rounds=6", "method.wait_round=3"]
@@ -291,12 +290,12 @@ def test_a_personalized_methods_new_client_rule_is_applied_to_unseen_clients(tmp
 
 
 def test_fitting_a_new_client_changes_only_its_personal_part():
-    from fedbench.engine.functional import split_state
-    from fedbench.methods.fedrep import FedRep
-    from fedbench.models.backbones import build_model
     from omegaconf import OmegaConf
 
     from conftest import make_method
+    from fedbench.engine.functional import split_state
+    from fedbench.methods.fedrep import FedRep
+    from fedbench.models.backbones import build_model
 
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({"name": "mlp", "hidden": [8]}), (4,), 3).double()
@@ -362,7 +361,6 @@ def test_a_partition_file_for_another_dataset_or_federation_is_one_line_exit_2(t
 
 def test_participation_counts_reach_the_wandb_run_file(tmp_path):
     from conftest import TINY
-
     from fedbench.tracking.wandb_file import read_run
 
     cfg = TINY + ["rounds=3", "logger=wandb", "logger.wandb.mode=offline", "dropout.rate=0.5",
@@ -383,7 +381,6 @@ def test_participation_counts_reach_the_wandb_run_file(tmp_path):
 
 def test_the_sweep_report_draws_the_participation_histogram(tmp_path):
     from conftest import TINY, run_cli
-
     from fedbench.report import report
 
     proc = run_cli(["--multirun", *TINY, "rounds=3", "seed=0,1", "availability=bernoulli",
