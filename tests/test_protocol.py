@@ -173,7 +173,8 @@ def test_an_unknown_method_key_on_the_command_line_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fedbench: error:")]
     assert errors == ["fedbench: error: method.muu: unknown key; allowed: bn, momentum, mu, name, normalize, "
-                      "server_beta1, server_beta2, server_eps, server_lr, server_momentum, server_opt, weight_decay"], proc.stderr
+                      "server_beta1, server_beta2, server_eps, server_lr, server_momentum, server_opt, "
+                      "weight_decay"], proc.stderr
 
 
 def test_the_fedavg_family_always_aggregates_by_shares():
