@@ -180,3 +180,31 @@ def test_frozen_features_from_the_warm_start_cnn(tmp_path):
                                             "warm_start.epochs=1"]), tmp_path)
     assert s["n_params"] == 512 * 10  # AFL on the CNN's 512-d frozen features
     assert s["best/val_acc"] > 0.6
+
+
+def test_afl_official_payload_counts_the_official_bytes_and_gives_the_same_model(tmp_path):
+    """method.payload=official: W_k, R_k and R_k^-1 in float64, 8 (d C + 2 d^2) bytes per client."""
+    d, C, K = 64, 10, 10
+    base = ["method=afl", "method.ridge=1", "method.ri=false"] + PARTITIONS["dir0.1-10"]
+    stats = final_model(tmp_path / "stats", base)
+    official = final_model(tmp_path / "official", base + ["method.payload=official",
+                                                          "method.payload_dtype=float32"])
+    assert (official["W"] - stats["W"]).abs().max() <= 1e-8
+    row = read_jsonl(tmp_path / "official" / "metrics.jsonl")[0]
+    assert row["comm/bytes_up"] == K * 8 * (d * C + 2 * d * d)
+    assert read_jsonl(tmp_path / "stats" / "metrics.jsonl")[0]["comm/bytes_up"] == K * 8 * (d * d + d * C)
+    ri = final_model(tmp_path / "ri", base[:2] + PARTITIONS["dir0.1-10"] + ["method.payload=official"])
+    assert (ri["W"] - final_model(tmp_path / "ri-stats", base[:2] + PARTITIONS["dir0.1-10"])["W"]).abs().max() \
+        <= 1e-6  # the ridge removed after aggregation: a singular system, solved to least squares
+
+
+def test_deepafl_residual_payloads_give_the_same_omega_and_their_bytes(tmp_path):
+    h, f, C, K = 24, 20, 10, 10
+    models, rows = {}, {}
+    for kind in ("code", "paper"):
+        models[kind] = final_model(tmp_path / kind, DEEP + PARTITIONS["iid-10"] + [f"method.residual_payload={kind}"])
+        rows[kind] = [r for r in read_jsonl(tmp_path / kind / "metrics.jsonl") if r["analytic/phase"] == "residual"]
+    for k in models["code"]["Omega"]:
+        assert (models["code"]["Omega"][k] - models["paper"]["Omega"][k]).abs().max() <= 1e-10
+    assert all(r["comm/bytes_up"] == K * (f * f + h * f) * 8 for r in rows["code"])
+    assert all(r["comm/bytes_up"] == K * (f * f + f * C) * 8 for r in rows["paper"])

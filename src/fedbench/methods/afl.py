@@ -7,6 +7,11 @@ paper's per-client solutions + absolute aggregation, and is invariant to the par
 `ri: true` (default, the official code's regularisation-invariant aggregation): the clients' ridge is
 removed after aggregation, so the server solves the unregularised joint least squares (minimum-norm when
 singular); `ri: false` keeps `ridge` in the joint solve.
+
+`payload: stats` (default) uploads the sufficient statistics above (d x d + d x C, in `payload_dtype`);
+`payload: official` uploads what the official AFL client sends: its local solution W_k = R_k Q_k, R_k =
+(C_k + ridge I)^-1 and R_k^-1, all float64 (8 (d C + 2 d^2) bytes per client), so AFL's communication
+can be compared as the paper counts it. The server recovers C_k and Q_k from them: the same model.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from typing import Any
 
 import torch
 
+from fedbench.config import spec
 from fedbench.engine.protocol import RoundContext
+from fedbench.errors import ConfigError
 from fedbench.methods.analytic import AnalyticConfig, AnalyticMethod, ridge_solve
 from fedbench.metrics.comm import Payload
 from fedbench.registry import register
@@ -25,6 +32,13 @@ from fedbench.registry import register
 @dataclasses.dataclass(frozen=True)
 class AFLConfig(AnalyticConfig):
     ri: bool = True   # regularisation-invariant: the ridge is removed after aggregation (unregularised solve)
+    # stats: X^T X and X^T Y in payload_dtype | official: W_k, R_k = (X^T X + ridge I)^-1, R_k^-1 in float64
+    payload: str = spec("stats", choices=("stats", "official"))
+
+    def __post_init__(self) -> None:
+        if self.payload == "official" and self.ridge == 0:
+            raise ConfigError("method.payload=official: the official client inverts X^T X + ridge I; "
+                              "set method.ridge > 0")
 
 
 @register("method", "afl")
@@ -57,8 +71,24 @@ class AFL(AnalyticMethod):
                "loss": local["loss"]}
         return new, local["loss"]
 
+    def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
+        if self.cfg.payload == "stats":
+            return super().client_final(local, down, cstate)
+        c = (local["gram"] + self.cfg.ridge * torch.eye(self.in_features, dtype=self.stats_dtype,
+                                                        device=local["gram"].device)).double()
+        r = torch.linalg.inv(c)
+        return {"W": r @ local["rhs"].double(), "R": r, "C": c}, {}
+
+    def uplink(self, stacked_up: dict[str, Any]) -> Payload:
+        if self.cfg.payload == "stats":
+            return super().uplink(stacked_up)
+        return Payload(stacked_up, stacked=True)  # three dense float64 matrices, as the official client
+
     def aggregate(self, gstate: dict[str, Any], up: dict[str, Any],
                   ctx: RoundContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.cfg.payload == "official":  # C_k - ridge I = X_k^T X_k and C_k W_k = X_k^T Y_k
+            eye = torch.eye(self.in_features, dtype=torch.float64, device=up["C"].device)
+            up = {"gram": up["C"] - self.cfg.ridge * eye, "rhs": up["C"] @ up["W"]}
         s = self.aggregate_sums(up)
         return {"W": ridge_solve(s["gram"], s["rhs"], 0.0 if self.cfg.ri else self.cfg.ridge)}, {}
 

@@ -8,7 +8,10 @@
 2T + 1 rounds, all clients every round. Round r = 2n + 1 is the classifier round of layer n (clients
 upload Phi_n^T Phi_n and Phi_n^T Y; the server solves W_n), round 2n + 2 the residual round (clients
 upload F^T F and W_n R^T F with R = Y - Phi_n W_n; the server solves the sandwiched least squares for
-Omega_{n+1}). The random maps come from a shared seed and cost 0 bytes. The model is the same for any
+Omega_{n+1}). `residual_payload: code` (default) is that upload, the official code's W_n R^T F (h x f);
+`paper` uploads Algorithm 1's F^T R (f x C) and the server forms W_n (F^T R)^T itself: the same Omega,
+f C instead of h f values per client. The default follows the code, whose runs the paper's figures come
+from. The random maps come from a shared seed and cost 0 bytes. The model is the same for any
 partition of the data, and equals the centralised solve.
 
 Random maps (`init: linear`, the official code's nn.Linear layers): weights and biases drawn by nn.Linear's
@@ -45,6 +48,8 @@ class DeepAFLConfig(AnalyticConfig):
     random_seed: int = spec(0, ge=0)  # shared seed of the random maps (never sent: 0 bytes)
     # linear: nn.Linear's U(+-1/sqrt(fan_in)) (official code); normal: N(0, 1/fan_in)
     init: str = spec("linear", choices=("linear", "normal"))
+    # the residual round's second upload: code (W_n R^T F, h x f; official code) | paper (F^T R, f x C)
+    residual_payload: str = spec("code", choices=("code", "paper"))
 
 
 
@@ -133,7 +138,9 @@ class DeepAFL(AnalyticMethod):
             new["W"][n] = self.as_sent(ridge_solve(s["gram"], s["rhs"], self.cfg.ridge))
             new["layer"] = n
         else:
-            new["Omega"][f"{n + 1}"] = self.as_sent(sandwich_solve(s["gram_f"], s["cross"], gstate["W"][n],
+            # paper: the clients sent F^T R; W_n (F^T R)^T is the code's W_n R^T F
+            cross = s["cross"] if self.cfg.residual_payload == "code" else gstate["W"][n] @ s["ftr"].T
+            new["Omega"][f"{n + 1}"] = self.as_sent(sandwich_solve(s["gram_f"], cross, gstate["W"][n],
                                                                    self.cfg.residual_ridge))
         return new, {"analytic/layer": n, "analytic/phase": kind}
 
@@ -163,7 +170,9 @@ class DeepAFL(AnalyticMethod):
         z = torch.zeros((), dtype=self.stats_dtype, device=client_id.device)
         if phase[0] == "classifier":
             return {"gram": z.new_zeros(self.h, self.h), "rhs": z.new_zeros(self.h, self.num_classes), "loss": z}
-        return {"gram_f": z.new_zeros(self.f, self.f), "cross": z.new_zeros(self.h, self.f), "loss": z}
+        second = {"cross": z.new_zeros(self.h, self.f)} if self.cfg.residual_payload == "code" else \
+            {"ftr": z.new_zeros(self.f, self.num_classes)}
+        return {"gram_f": z.new_zeros(self.f, self.f), **second, "loss": z}
 
     def phase_step(self, local: dict[str, Any], down: dict[str, Any], batch: dict[str, torch.Tensor], *,
                    phase: tuple[str, int]) -> tuple[dict[str, Any], torch.Tensor]:
@@ -180,6 +189,9 @@ class DeepAFL(AnalyticMethod):
         else:
             feat = self.act(phi @ down["maps"][f"B{n}"] + down["maps"][f"b{n}"])
             resid = y1 - (phi @ w_n) * ww  # the BROADCAST W_n; padding rows are zero
-            new = {"gram_f": local["gram_f"] + feat.T @ (feat * ww),
-                   "cross": local["cross"] + w_n @ resid.T @ feat, "loss": local["loss"]}
+            new = {"gram_f": local["gram_f"] + feat.T @ (feat * ww), "loss": local["loss"]}
+            if self.cfg.residual_payload == "code":
+                new["cross"] = local["cross"] + w_n @ resid.T @ feat
+            else:
+                new["ftr"] = local["ftr"] + feat.T @ resid
         return new, local["loss"]
