@@ -388,3 +388,21 @@ def test_the_sweep_report_draws_the_participation_histogram(tmp_path):
     assert proc.returncode == 0, proc.stderr[-1000:]
     out = report(tmp_path / "sweep", tmp_path / "report")
     assert tmp_path / "report" / "participation.png" in out["plots"]
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["availability=bernoulli", "availability.mean=0"], "availability.mean=0: must be a finite number in (0, 1]"),
+    (["dropout.rate=1"], "dropout.rate=1: must be a finite number in [0, 1)"),
+    (["straggler.min_fraction=0.9", "straggler.max_fraction=0.5"], "straggler.min_fraction=0.9 exceeds"),
+    (["availability=cyclic", "availability.blocks=40"], "availability.blocks=40: more groups than the 10"),
+    (["partition.holdout_clients=0.95"], "partition.holdout_clients=0.95: leaves no client of 10 to train"),
+    (["availability=weekly"], "availability='weekly' is unknown; allowed: always, bernoulli, cyclic, markov"),
+    (["method=afl", "participation=1.0", "rounds=1", "availability=markov"], "availability=markov: method=afl needs"),
+    (["method=scaffold", "method.normalize=fednova"], "method.normalize=fednova: method=scaffold does not"),
+])
+def test_a_wrong_federation_value_is_one_line_before_any_work(overrides, words):
+    from conftest import TINY
+    from fedbench import cli
+
+    message = cli.preflight([*TINY, *overrides])
+    assert message is not None and words in message and "\n" not in message
