@@ -208,3 +208,38 @@ def test_deepafl_residual_payloads_give_the_same_omega_and_their_bytes(tmp_path)
         assert (models["code"]["Omega"][k] - models["paper"]["Omega"][k]).abs().max() <= 1e-10
     assert all(r["comm/bytes_up"] == K * (f * f + h * f) * 8 for r in rows["code"])
     assert all(r["comm/bytes_up"] == K * (f * f + f * C) * 8 for r in rows["paper"])
+
+
+def test_deepafl_preset_pipeline_is_resize_224_then_normalize_half(tmp_path):
+    """The deepafl_cifar10 preset's inputs, on small CIFAR pickle batches written here: every training
+    image (no validation hold-out), equal to torchvision's Resize(224) + Normalize(0.5, 0.5) of the same
+    images (what the extractor receives; its first module is the resize)."""
+    import pickle
+
+    import numpy as np
+    from torchvision.transforms import v2
+
+    from fedbench.data.datasets import load_dataset
+    from fedbench.models.pretrained import InputAdapter
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    raw = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        raw[name] = rng.integers(0, 256, (4, 3072)).astype(np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": raw[name], "labels": [0, 1, 2, 3]}, f)
+    cfg = compose_cfg(["+experiment=deepafl_cifar10", "dataset=cifar10", f"dataset.root={tmp_path}"])
+    assert cfg.dataset.normalize == "half" and cfg.dataset.val_fraction == 0 and cfg.features.resolution == 224
+    assert "86.43" in cfg.paper.headline and "64.02" in cfg.paper.headline
+    ds = load_dataset(cfg.dataset)
+    assert len(ds.y_train) == 20 and len(ds.y_val) == 0
+    images = torch.as_tensor(np.concatenate([raw[f"data_batch_{i}"] for i in range(1, 6)])).view(-1, 3, 32, 32)
+    official = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Resize(224),
+                           v2.Normalize([0.5] * 3, [0.5] * 3)])
+    want = torch.stack([official(img) for img in images])
+    with torch.no_grad():
+        got = InputAdapter(int(cfg.features.resolution))(ds.x_train)
+    assert got.shape == want.shape == (20, 3, 224, 224)
+    assert (got - want).abs().max() < 1e-5  # float32 rounding only: resize and normalise commute

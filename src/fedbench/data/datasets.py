@@ -75,12 +75,31 @@ class SyntheticMulticlassConfig(SyntheticConfig):
     classes: int = spec(5, ge=2)
 
 
+IMAGE_NORMALIZATIONS = ("standardize", "half", "imagenet")
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def image_stats(kind: str, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) on [0, 1] pixels: `standardize` the dataset's own (given), `half` 0.5 / 0.5
+    (AFL / DeepAFL's official pipeline), `imagenet` ImageNet's (a grayscale image: their channel means)."""
+    if kind == "half":
+        return [0.5] * len(mean), [0.5] * len(mean)
+    if kind == "imagenet":
+        if len(mean) == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return [float(np.mean(IMAGENET_MEAN))] * len(mean), [float(np.mean(IMAGENET_STD))] * len(mean)
+    return mean, std
+
+
 @dataclass(frozen=True)
 class TorchvisionConfig(DatasetConfig):
     """Real on-disk files under `root` (downloaded only with `download: true`)."""
 
     root: str = spec("data", nonempty=True)
     download: bool = False
+    # pixels x in [0, 1] -> (x - mean) / std per channel: standardize (the dataset's own statistics) |
+    # half (0.5, 0.5: the official AFL / DeepAFL pipeline) | imagenet (ImageNet's statistics)
+    normalize: str = spec("standardize", choices=IMAGE_NORMALIZATIONS)
 
 
 EMNIST_SPLITS = ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
@@ -344,8 +363,9 @@ def _torchvision_mnist_like(name: str, cls_name: str, cfg: Any, **kwargs: Any) -
         raise _unreadable(name, raw, e) from e  # the files are there but truncated or corrupt
     except OSError as e:  # URLError and friends when offline
         raise _missing(name, root, e) from e
-    x = _normalize(train.data.numpy()[:, None], MNIST_MEAN, MNIST_STD)
-    xt = _normalize(test.data.numpy()[:, None], MNIST_MEAN, MNIST_STD)
+    mean, std = image_stats(cfg.normalize, [MNIST_MEAN], [MNIST_STD])
+    x = _normalize(train.data.numpy()[:, None], mean, std)
+    xt = _normalize(test.data.numpy()[:, None], mean, std)
     return _from_arrays(name, x, train.targets.numpy().astype(np.int64), cfg, len(train.classes),
                         x_test=xt, y_test=test.targets.numpy().astype(np.int64))
 
@@ -398,6 +418,7 @@ def _cifar(name: str, cfg: Any, folder: str, train_files: list[str], test_files:
     # additionally insist on the official md5 sums.
     x, y = _read_cifar_batches(path, train_files, label_key)
     xt, yt = _read_cifar_batches(path, test_files, label_key)
+    mean, std = image_stats(cfg.normalize, mean, std)
     return _from_arrays(name, _normalize(x, mean, std), y, cfg, classes,
                         x_test=_normalize(xt, mean, std), y_test=yt)
 

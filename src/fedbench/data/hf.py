@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedbench.config import spec
-from fedbench.data.datasets import Dataset, HeldOutTestConfig, _from_arrays
+from fedbench.data.datasets import IMAGE_NORMALIZATIONS, Dataset, HeldOutTestConfig, _from_arrays, image_stats
 from fedbench.errors import ConfigError
 from fedbench.registry import register
 
@@ -43,6 +43,8 @@ class HFConfig(HeldOutTestConfig):
     label_key: str = spec("label", nonempty=True)
     keep_columns: tuple[str, ...] = ()
     cache_dir: str | None = None
+    # images: standardize (the training split's per-channel statistics) | half | imagenet (datasets.py)
+    normalize: str = spec("standardize", choices=IMAGE_NORMALIZATIONS)
 
 
 def require(module: str, extra: str, what: str) -> Any:
@@ -165,8 +167,11 @@ def load_hf(cfg: Any) -> Dataset:
     if test_name is not None:
         x_test = _inputs(splits[str(test_name)], cfg)
         y_test, _ = _labels(splits[str(test_name)], str(cfg.label_key), names)
-    if x.ndim == 4:  # standardise images per channel with the training split's statistics
+    if x.ndim == 4:  # images per channel: the training split's statistics, or fixed ones
         mean, std = x.mean((0, 2, 3), keepdims=True), x.std((0, 2, 3), keepdims=True) + 1e-8
+        if cfg.normalize != "standardize":
+            fixed = image_stats(cfg.normalize, [0.0] * x.shape[1], [1.0] * x.shape[1])
+            mean, std = (np.asarray(v, dtype=np.float32).reshape(1, -1, 1, 1) for v in fixed)
         x = (x - mean) / std
         x_test = None if x_test is None else (x_test - mean) / std
     columns = {str(k): np.asarray(_column(train, str(k), "dataset.keep_columns"))

@@ -299,8 +299,9 @@ class EvaluationCallback(Callback):
         out = {names.global_metric(split, k): v for split, d in (("val", val), ("test", test)) for k, v in d.items()}
         out.update(sparsity_metrics(run.method, state.gstate, run.dataset))
         task = run.dataset.task
-        self.best.update(state.round, val[names.score(task)], test.get(names.score(task)))
-        out.update({names.best_val(task): self.best.best_val, names.BEST_ROUND: self.best.best_round})
+        if names.score(task) in val:  # no validation set (dataset.val_fraction=0): nothing is selected
+            self.best.update(state.round, val[names.score(task)], test.get(names.score(task)))
+            out.update({names.best_val(task): self.best.best_val, names.BEST_ROUND: self.best.best_round})
         return out
 
     def summary(self, run: Run, state: RunState) -> dict[str, Any]:

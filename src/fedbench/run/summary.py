@@ -80,6 +80,8 @@ def format_summary(s: dict[str, Any]) -> str:
                   f"(rounds-to-best: {s.get(names.BEST_ROUND)})",
                   f"  test acc at best  {num(names.best_test('classification'))}",
                   f"  final test acc    {num(names.final('test', 'acc'))}"]
+    elif s.get(names.final("test", "acc")) is not None:  # no validation set: nothing was selected
+        lines.append(f"  final test acc    {num(names.final('test', 'acc'))} (no validation set)")
     if s.get(names.BEST_ROUND) is not None and s.get(names.TARGET) is not None:
         reached = s.get(names.ROUNDS_TO_TARGET)
         lines.append(f"  rounds-to-target  {reached if reached is not None else 'not reached'} "
