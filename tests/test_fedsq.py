@@ -204,3 +204,18 @@ def test_efficientnet_lite0_classifies_the_sklearn_images_like_imagenet():
         tops.append({info.index_to_description(i).split(",")[0] for i in top5})
     assert tops[0] & {"palace", "monastery", "bell cote", "boathouse", "lakeside", "castle", "pagoda"}
     assert "daisy" in tops[1]
+
+
+@pytest.mark.parametrize("preset", ["fedsq_cifar100_resnet18_dirichlet", "fedsq_cifar100_resnet18_iid",
+                                    "fedsq_cinic10_alexnet_dirichlet", "fedsq_cinic10_alexnet_iid"])
+def test_fedsq_presets_give_their_baselines_the_same_frozen_batchnorm(preset):
+    """The comparisons on equal terms: FedAvg / FedProx on a FedSQ preset keep the pretrained BatchNorm
+    statistics (method.bn=frozen), and the calibration stays off (the sources report none)."""
+    from fedbench.experiment import validate
+
+    for method in ("fedsq", "fedavg", "fedprox"):
+        cfg = compose_cfg([f"+experiment={preset}", f"method={method}"])
+        assert cfg.method.name == method and cfg.method.bn == "frozen"
+        validate(cfg, check_device=False)
+    assert compose_cfg([f"+experiment={preset}"]).method.calibration_epochs == 0
+    assert compose_cfg([f"+experiment={preset}", "method=fedavg", "method.bn=batch"]).method.bn == "batch"
