@@ -96,6 +96,11 @@ def test_cyclic_and_markov_availability_match_their_means():
             spells[bool(run[0])].append(len(run))
     assert abs(np.mean(spells[True]) - 4.0) < 0.2 and abs(np.mean(spells[False]) - 6.0) < 0.3
     assert np.array_equal(fed.availability.mask(17), masks[16])  # reached again from round 1: the same chain
+    # asked out of order (round r + 1's plan comes before round r's record), it is the same chain
+    fresh = federation(n=200, availability="markov", mean_on=4.0, mean_off=6.0).availability
+    for r in range(1, 60):
+        assert np.array_equal(fresh.mask(r + 1), masks[r]) and np.array_equal(fresh.mask(r), masks[r - 1])
+    assert fresh.at == 60  # never restarted from round 1
 
 
 def test_dropout_and_straggler_rates_match_the_configuration():

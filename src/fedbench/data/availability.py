@@ -126,19 +126,26 @@ class Markov(Availability):
     """On -> off with probability 1 / mean_on per round, off -> on with 1 / mean_off; round r's
     transitions come from (seed, r), so the chain at round r is the same however it is reached."""
 
+    KEEP = 4  # recent rounds kept: the loop asks for round r + 1's plan before it logs round r's
+
     def __init__(self, cfg: MarkovConfig, n_clients: int, seed: int):
         super().__init__(cfg, n_clients, seed)
         self.stationary = cfg.mean_on / (cfg.mean_on + cfg.mean_off)
         self.at, self.state = 0, np.zeros(self.n, dtype=bool)
+        self.recent: dict[int, np.ndarray] = {}
 
     def mask(self, round_: int) -> np.ndarray:
         r = int(round_)
+        if r in self.recent:
+            return self.recent[r].copy()
         if r < self.at or self.at == 0:  # (re)start the chain at round 1
             self.at, self.state = 1, self.rng(0).random(self.n) < self.stationary
         while self.at < r:
             self.at += 1
             u = self.rng(self.at).random(self.n)
             self.state = np.where(self.state, u >= 1 / self.cfg.mean_on, u < 1 / self.cfg.mean_off)
+        self.recent = {k: v for k, v in self.recent.items() if k > r - self.KEEP}
+        self.recent[r] = self.state.copy()
         return self.state.copy()
 
     def expected(self) -> np.ndarray:
