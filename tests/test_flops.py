@@ -167,3 +167,65 @@ def test_bad_flops_input(tmp_path, args, fragment):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fedbench: error:")]
     assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_gallego_posada_gate_and_its_projection():
+    """deterministic=gallego_posada: sigmoid(log_alpha / beta) x 1.2 - 0.1, clipped; the final projection
+    leaves exactly m gates open under that rule too."""
+    from fedbench.models.gates import BETA, closed_below
+
+    la = torch.linspace(-6, 6, 101, dtype=torch.float64)
+    want = (torch.sigmoid(la / (2 / 3)) * 1.2 - 0.1).clamp(0, 1)
+    assert torch.allclose(deterministic_gate(la, "gallego_posada"), want, atol=1e-15)
+    assert torch.equal(deterministic_gate(la), deterministic_gate(la, "louizos"))
+    edge = torch.tensor([closed_below("gallego_posada") - 1e-6, closed_below("gallego_posada") + 1e-6],
+                        dtype=torch.float64)
+    assert deterministic_gate(edge, "gallego_posada").tolist()[0] == 0 < deterministic_gate(edge, "gallego_posada")[1]
+    assert closed_below("gallego_posada") == CLOSED * BETA
+    params = {"w": torch.randn(1, 1000, generator=torch.Generator().manual_seed(2))}
+    m = make_method(FLoPS, {"target_density": 0.05, "prune_start": 3, "scale_factor": 0.1,
+                            "deterministic": "gallego_posada"}, params=params, total_rounds=10)
+    out = m.scale_gates(torch.randn(1000, generator=torch.Generator().manual_seed(1)), params, 10)
+    assert int((deterministic_gate(out, "gallego_posada") > 0).sum()) == 50
+
+
+def test_multiplicative_scaling_and_scaling_from_the_round_after_prune_start():
+    params = {"w": torch.randn(1, 1000, generator=torch.Generator().manual_seed(2))}
+    la = torch.randn(1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    hp = {"target_density": 0.05, "prune_start": 3, "scale_factor": 0.2, "decay": 0.5, "project": "never"}
+    add = make_method(FLoPS, hp, params=params, total_rounds=10)
+    mult = make_method(FLoPS, {**hp, "scaling": "multiplicative"}, params=params, total_rounds=10)
+    after = make_method(FLoPS, {**hp, "scale_from": "after"}, params=params, total_rounds=10)
+    top = torch.zeros(1000, dtype=torch.bool)
+    top[torch.topk(add.ranking_score(la, params), 50).indices] = True
+    step = 0.2 * 0.5 ** (5 - 3)  # round 5: the step decayed twice
+    assert torch.allclose(add.scale_gates(la, params, 5), torch.where(top, la + step, la - step))
+    assert torch.allclose(mult.scale_gates(la, params, 5), torch.where(top, la + step * la.abs(),
+                                                                       la - step * la.abs()))
+    assert not torch.equal(add.scale_gates(la, params, 3), la)      # at: prune_start is scaled
+    assert torch.equal(after.scale_gates(la, params, 3), la)        # after: it is not ...
+    assert torch.equal(after.scale_gates(la, params, 4), add.scale_gates(la, params, 4))  # ... the next is
+
+
+def test_flops_pa_client_penalty_on_the_servers_scale():
+    """client_penalty=server: the clients' penalty gradient per gate equals the server's constraint_grad
+    (penalty=sum: p(1 - p)); the default (mean) is that divided by D."""
+    from fedbench.methods.flops import FLoPSPA
+
+    params = {"w": torch.zeros(1, 400)}
+    la = torch.randn(400, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for rule in ("mean", "server"):
+        m = make_method(FLoPSPA, {"client_penalty": rule}, params=params, total_rounds=5)
+        x = la.clone().requires_grad_(True)
+        m.client_penalty(x).backward()
+        grads[rule] = x.grad
+    assert torch.allclose(grads["server"], m.constraint_grad(la), atol=1e-15)
+    assert torch.allclose(grads["mean"] * 400, grads["server"], atol=1e-15)
+
+
+@pytest.mark.parametrize("option", ["method.scaling=multiplicative", "method.scale_from=after",
+                                    "method.deterministic=gallego_posada"])
+def test_flops_options_reach_the_target_density(tmp_path, option):
+    s = run_experiment(compose_cfg(LIN + ["method=flops", "method.target_density=0.05", option]), tmp_path)
+    assert s["sparsity/nnz"] == math.floor(0.05 * 200)

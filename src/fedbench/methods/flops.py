@@ -31,8 +31,9 @@ from fedbench.errors import ConfigError
 from fedbench.methods.base import Method, Tensors
 from fedbench.metrics.comm import SPARSE_GROUP, Payload
 from fedbench.models.gates import (
-    CLOSED,
+    DETERMINISTIC_RULES,
     GateLayout,
+    closed_below,
     deterministic_gate,
     init_log_alpha,
     prob_nonzero,
@@ -95,6 +96,14 @@ class GatedConfig(SparsityConfig):
     rank_by: str = spec("saliency", choices=("saliency", "log_alpha"))
     project_margin: float = spec(0.5, ge=0)
     gate_seed: int = spec(0, ge=0)
+    # how the scaling moves log_alpha: additive (+- step) | multiplicative (+- step x |log_alpha|: each
+    # gate moves in proportion to how decided it already is; step decays by `decay` per round)
+    scaling: str = spec("additive", choices=("additive", "multiplicative"))
+    # the first scaled round: prune_start itself (at) | the round after it (after: "epoch > prune_start")
+    scale_from: str = spec("at", choices=("at", "after"))
+    # the test-time gate: louizos (sigmoid(log_alpha) stretched) | gallego_posada (sigmoid(log_alpha /
+    # beta) x 1.2 - 0.1, Gallego-Posada et al. 2022), clipped to [0, 1]
+    deterministic: str = spec("louizos", choices=DETERMINISTIC_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +115,9 @@ class FLoPSConfig(GatedConfig):
 @dataclasses.dataclass(frozen=True)
 class FLoPSPAConfig(GatedConfig):
     eta_phi_local: float = spec(0.05, ge=0)  # client step on log_alpha
+    # the clients' penalty: mean (lambda x the mean constraint: d/d log_alpha carries 1/D, while the
+    # server steps on `penalty`'s scale) | server (the same per-gate scale as the server's `penalty`)
+    client_penalty: str = spec("mean", choices=("mean", "server"))
 
 
 class GatedMethod(Method):
@@ -138,7 +150,7 @@ class GatedMethod(Method):
         return {k: params[k] * z[k] if k in z else params[k] for k in params}
 
     def eval_state(self, gstate: dict[str, Any]) -> tuple[Tensors, Tensors]:
-        z = self.layout.split(deterministic_gate(gstate["la"]))
+        z = self.layout.split(deterministic_gate(gstate["la"], self.cfg.deterministic))
         params = {k: v * z[k] if k in z else v for k, v in gstate["params"].items()}
         return params, gstate["buffers"]
 
@@ -184,16 +196,17 @@ class GatedMethod(Method):
         deterministic gates are open: in the last round (`project=final`, default), every round
         (`always`) or never. Reconstructed rule; all of it is config."""
         start = self.cfg.prune_start
-        if start is None or round_ < start:
+        if start is None or round_ < start or (self.cfg.scale_from == "after" and round_ == start):
             return la
         step = self.cfg.scale_factor * self.cfg.decay ** (round_ - start)
         top = torch.zeros_like(la, dtype=torch.bool)
         top[torch.topk(self.ranking_score(la, params), self.m).indices] = True
-        la = torch.where(top, la + step, la - step)
+        move = step * la.abs() if self.cfg.scaling == "multiplicative" else step
+        la = torch.where(top, la + move, la - move)
         project = self.cfg.project
         if project == "always" or (project == "final" and round_ == self.total_rounds):
-            margin = self.cfg.project_margin
-            la = torch.where(top, la.clamp(min=CLOSED + margin), la.clamp(max=CLOSED - margin))
+            margin, closed = self.cfg.project_margin, closed_below(self.cfg.deterministic)
+            la = torch.where(top, la.clamp(min=closed + margin), la.clamp(max=closed - margin))
         return la.clamp(-self.la_max, self.la_max)
 
     def lr_at(self, base: float, round_: int) -> float:
@@ -254,7 +267,14 @@ class FLoPSPA(GatedMethod):
     client_run_keys = ("eta_phi_local",)
 
     def active(self, la: torch.Tensor) -> torch.Tensor:
-        return deterministic_gate(la) > 0
+        return deterministic_gate(la, self.cfg.deterministic) > 0
+
+    def client_penalty(self, la: torch.Tensor) -> torch.Tensor:
+        """`client_penalty=mean`: the mean constraint (its gradient p(1 - p) / D); `server`: the penalty
+        whose gradient is the server's `constraint_grad` (per gate p(1 - p) for penalty=sum)."""
+        if self.cfg.client_penalty == "mean" or self.cfg.penalty == "mean":
+            return self.constraint(la)
+        return prob_nonzero(la).sum()
 
     def broadcast(self, gstate: dict[str, Any], ctx: RoundContext) -> Payload:
         mask = self.active(gstate["la"])
@@ -284,7 +304,7 @@ class FLoPSPA(GatedMethod):
         def objective(params: Tensors, la: torch.Tensor):
             loss, aux = self.loss_fn(self.effective(params, la, batch["noise"]), down["buffers"], batch["x"],
                                      batch["y"], batch["w"])
-            return loss + lam * self.constraint(la), aux
+            return loss + lam * self.client_penalty(la), aux
 
         (g_p, g_la), (loss, _) = grad(objective, argnums=(0, 1), has_aux=True)(local["params"], local["la"])
         mask = down["active"]["mask"]

@@ -30,8 +30,19 @@ def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - L0_SHIFT)
 
 
-def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
-    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+DETERMINISTIC_RULES = ("louizos", "gallego_posada")
+
+
+def deterministic_gate(log_alpha: torch.Tensor, rule: str = "louizos") -> torch.Tensor:
+    """The test-time gate: `louizos` (Louizos et al. 2018: sigmoid(log_alpha) stretched to (gamma, zeta),
+    clipped) | `gallego_posada` (Gallego-Posada et al. 2022: sigmoid(log_alpha / beta) stretched, clipped)."""
+    scale = BETA if rule == "gallego_posada" else 1.0
+    return (torch.sigmoid(log_alpha / scale) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def closed_below(rule: str = "louizos") -> float:
+    """log_alpha below which the deterministic gate of `rule` is exactly 0."""
+    return CLOSED * (BETA if rule == "gallego_posada" else 1.0)
 
 
 def init_log_alpha(n: int, rho_init: float, std: float, generator: torch.Generator,
