@@ -277,7 +277,8 @@ def part_e(out: Path, seeds: list[int], rho: float = 0.05) -> list[str]:
                 runs.append({"status": "failed", "reason": str(e).splitlines()[0]})
         row = ablation_row("logistic", pname, rho, vname, runs)
         rows.append(row)
-        lines.append(f"| {pname} | {vname} | {mean_std(row['tdr'])} | {mean_std(row['density_reached'], '.4f')} | "
+        shown = vname.replace("|", "\\|")  # a Markdown cell
+        lines.append(f"| {pname} | {shown} | {mean_std(row['tdr'])} | {mean_std(row['density_reached'], '.4f')} | "
                      f"{mean_std(row['quality'])} | {row['ok']}/{row['n']} |")
     (out / "rules.json").write_text(json.dumps(rows, indent=1) + "\n")
     return lines

@@ -230,18 +230,21 @@ def test_sigterm_then_the_same_command_resumes_exactly_with_a_realistic_federati
 
     args = [*REF_BASE, *REALISTIC, "method=waiting", "rounds=6", "method.wait_round=3"]
     stopped = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "fedbench", *args, f"method.gate={tmp_path / 'never'}", PLUGIN_CONF,
+    gate = tmp_path / "gate"
+    cmd = [sys.executable, "-m", "fedbench", *args, f"method.gate={gate}", PLUGIN_CONF,
            f"hydra.run.dir={stopped}"]
     env = {**os.environ, "WANDB_MODE": "disabled", **PLUGIN_ENV,
            "PYTHONPATH": os.pathsep.join([PLUGIN_ENV["PYTHONPATH"], os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (stopped / "metrics.jsonl").exists():
+    rows = stopped / "metrics.jsonl"
+    while time.time() < deadline and not (rows.exists() and len(rows.read_text().splitlines()) >= 2):
         time.sleep(0.05)
     time.sleep(0.5)  # held in round 3's server step
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert json.loads((stopped / "summary.json").read_text())["status"] == "preempted", err[-1500:]
+    gate.touch()  # the same command again; the gate now lets round 3 pass wherever the stop fell
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-1500:]
 

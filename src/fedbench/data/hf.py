@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbench.config import spec
+from fedbench.config import spec, typed_choice
 from fedbench.data.datasets import IMAGE_NORMALIZATIONS, Dataset, HeldOutTestConfig, _from_arrays, image_stats
 from fedbench.errors import ConfigError
 from fedbench.registry import register
@@ -155,6 +155,7 @@ def _labels(ds: Any, key: str, names: list[str] | None) -> tuple[np.ndarray, lis
 
 
 def load_hf(cfg: Any) -> Dataset:
+    cfg = typed_choice("dataset", cfg)  # (a typed config is returned as it is)
     splits = open_splits(cfg)
     train_name, test_name = str(cfg.split), cfg.test_split
     for key, name in (("dataset.split", train_name), ("dataset.test_split", test_name)):
