@@ -217,7 +217,7 @@ def test_two_workers_equal_one_process_with_availability_dropouts_and_stragglers
         assert r["clients/participants"] == r["clients/sampled"] - r["clients/dropped"]
 
 
-def test_sigterm_then_the_same_command_resumes_exactly_with_a_realistic_federation(tmp_path, monkeypatch):
+def test_sigterm_then_the_same_command_resumes_exactly_with_a_realistic_federation(tmp_path):
     """A real SIGTERM while round 3's server step is held (the test-only `waiting` method), the same
     command again: the same final state and rows as an uninterrupted run, participation.json too."""
     import signal
@@ -225,8 +225,7 @@ def test_sigterm_then_the_same_command_resumes_exactly_with_a_realistic_federati
     import sys
     import time
 
-    from conftest import PLUGIN_CONF, PLUGIN_ENV, PLUGINS
-    from fedbench.config import register_schemas
+    from conftest import PLUGIN_CONF, PLUGIN_ENV
 
     args = [*REF_BASE, *REALISTIC, "method=waiting", "rounds=6", "method.wait_round=3"]
     stopped = tmp_path / "stopped"
@@ -248,12 +247,11 @@ def test_sigterm_then_the_same_command_resumes_exactly_with_a_realistic_federati
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-1500:]
 
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    import fedbench_test_methods  # noqa: F401 - the plugin method, in this process
-
-    register_schemas()
-    whole = tmp_path / "whole"
-    run_experiment(compose_cfg([*args, "method.gate=", PLUGIN_CONF]), whole)
+    whole = tmp_path / "whole"  # uninterrupted, also in a child: the plugin stays out of this process
+    done = subprocess.run([sys.executable, "-m", "fedbench", *args, "method.gate=", PLUGIN_CONF,
+                           f"hydra.run.dir={whole}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (stopped, whole))
     for x, y in zip(tree_leaves([a["gstate"], a["cstates"]]), tree_leaves([b["gstate"], b["cstates"]]), strict=True):
         assert torch.equal(x, y)

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,19 @@ def refuse_other_run(run_dir: Path, new: DictConfig, key: str, job: str = "") ->
                           f"or delete that dir to start over")
 
 
+def refuse_other_rank_config(run_dir: Path, new: DictConfig, key: str, tries: int = 20) -> None:
+    """`refuse_other_run` for a rank > 0: rank 0 may be writing `.hydra/config.yaml` at this very moment
+    (Hydra does not write it atomically), so a half-written record is read again before it is judged."""
+    for attempt in range(tries):
+        try:
+            refuse_other_run(run_dir, new, key)
+            return
+        except RunDirTaken:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.25)
+
+
 def is_rank_zero() -> bool:
     """Ranks > 0 of an outside launcher (torchrun) write nothing: rank 0 takes the run dir."""
     from fedbench.engine.distributed import world_from_env
@@ -111,7 +125,7 @@ def guard_run(config: DictConfig) -> None:
     run_dir = Path(str(config.hydra.run.dir))
     key = "hydra.run.dir"
     if not is_rank_zero():  # rank 0 of the same run holds the dir; a changed config is still refused
-        refuse_other_run(run_dir, task_config(config), key)
+        refuse_other_rank_config(run_dir, task_config(config), key)
         return
     owner = owner_of(run_dir / RUN_LOCK)
     if owner is not None:
