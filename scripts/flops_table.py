@@ -203,6 +203,22 @@ PARTICIPATION_METHODS = {
 }
 
 
+def hetero_logistic_runs(tag: str, overrides: list[str], seeds: list[int], rho: float, where: Path) -> list[dict]:
+    """One run per seed of heterogeneous sparse logistic regression (tables D and E); a run that fails
+    counts in `runs ok` instead of stopping the table."""
+    runs = []
+    for seed in seeds:
+        ov = (COMMON + ["backbone=logreg", "clients=10"] + ABLATION_DATA["logistic"]
+              + ABLATION_PARTITIONS["heterogeneous"] + HETEROGENEITY["logistic"] + overrides
+              + [f"method.target_density={rho}", f"dataset.true_density={rho}", f"seed={seed}",
+                 f"dataset.generator_seed={seed}"])
+        try:
+            runs.append(run(f"{tag}-s{seed}", ov, where))
+        except Exception as e:  # noqa: BLE001 - recorded in the table
+            runs.append({"status": "failed", "reason": str(e).splitlines()[0]})
+    return runs
+
+
 def part_d(out: Path, seeds: list[int], rho: float = 0.05) -> list[str]:
     """Sparse logistic regression, heterogeneous clients, under the participation settings above."""
     lines = [f"## D. Client participation heterogeneity (sparse logistic regression, d=1000, 10 clients, "
@@ -211,20 +227,12 @@ def part_d(out: Path, seeds: list[int], rho: float = 0.05) -> list[str]:
              "(min-max) | runs ok |", "|---|---|---:|---:|---:|---|---:|"]
     rows = []
     for (pname, pov), (mname, mov) in itertools.product(PARTICIPATION.items(), PARTICIPATION_METHODS.items()):
-        runs = []
-        for seed in seeds:
-            tag = f"D-{pname.split(' (')[0].replace(' ', '_')}-{mov[0].split('=')[1]}-s{seed}"
-            ov = (COMMON + ["backbone=logreg", "clients=10"] + ABLATION_DATA["logistic"]
-                  + ABLATION_PARTITIONS["heterogeneous"] + HETEROGENEITY["logistic"] + mov + pov
-                  + [f"method.target_density={rho}", f"dataset.true_density={rho}", f"seed={seed}",
-                     f"dataset.generator_seed={seed}"])
-            try:
-                s = run(tag, ov, out / "participation-runs")
-                record = json.loads((out / "participation-runs" / tag / "participation.json").read_text())
-                s["sampled_range"] = (min(record["sampled"]), max(record["sampled"]))
-                runs.append(s)
-            except Exception as e:  # noqa: BLE001 - recorded in the table
-                runs.append({"status": "failed", "reason": str(e).splitlines()[0]})
+        runs = hetero_logistic_runs(f"D-{pname.split(' (')[0].replace(' ', '_')}-{mov[0].split('=')[1]}",
+                                    mov + pov, seeds, rho, out / "participation-runs")
+        for r in runs:
+            if r.get("status") == "completed":
+                record = json.loads((Path(r["run_dir"]) / "participation.json").read_text())
+                r["sampled_range"] = (min(record["sampled"]), max(record["sampled"]))
         row = ablation_row("logistic", pname, rho, mname, runs)
         ranges = [r["sampled_range"] for r in runs if "sampled_range" in r]
         row["sampled"] = [min(a for a, _ in ranges), max(b for _, b in ranges)] if ranges else None
@@ -264,17 +272,8 @@ def part_e(out: Path, seeds: list[int], rho: float = 0.05) -> list[str]:
     for (pname, pov), (vname, vov) in itertools.product({"full": ["participation=1.0"],
                                                           "0.3": ["participation=0.3"]}.items(),
                                                          RULE_VARIANTS.items()):
-        runs = []
-        for seed in seeds:
-            tag = f"E-{pname}-{vname.replace(' ', '_').replace('/', '').replace(',', '')}-s{seed}"
-            ov = (COMMON + ["backbone=logreg", "clients=10"] + ABLATION_DATA["logistic"]
-                  + ABLATION_PARTITIONS["heterogeneous"] + HETEROGENEITY["logistic"] + vov + pov
-                  + [f"method.target_density={rho}", f"dataset.true_density={rho}", f"seed={seed}",
-                     f"dataset.generator_seed={seed}"])
-            try:
-                runs.append(run(tag, ov, out / "rules-runs"))
-            except Exception as e:  # noqa: BLE001 - recorded in the table
-                runs.append({"status": "failed", "reason": str(e).splitlines()[0]})
+        runs = hetero_logistic_runs(f"E-{pname}-{vname.replace(' ', '_').replace('/', '').replace(',', '')}",
+                                    vov + pov, seeds, rho, out / "rules-runs")
         row = ablation_row("logistic", pname, rho, vname, runs)
         rows.append(row)
         shown = vname.replace("|", "\\|")  # a Markdown cell
