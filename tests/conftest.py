@@ -39,7 +39,7 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None,
 
 def make_method(method_cls, hp: dict | None = None, *, model=None, params=None, buffers=None,
                 task: str = "classification", num_classes: int = 10, total_rounds: int = 1, lr: float = 0.1,
-                label_counts=None, in_features: int = 0):
+                label_counts=None, in_features: int = 0, extractors: str = "method"):
     """A method object set up as a run would do it: typed config from `hp`, then setup(RunContext)."""
     import torch
 
@@ -53,7 +53,7 @@ def make_method(method_cls, hp: dict | None = None, *, model=None, params=None, 
     loss_fn = make_loss_fn(model, task) if model is not None else None
     method.setup(RunContext(device=torch.device("cpu"), task=task, num_classes=num_classes, in_features=in_features,
                             total_rounds=total_rounds, lr=lr, model=model, loss_fn=loss_fn, params=params or {},
-                            buffers=buffers or {}, label_counts=label_counts))
+                            buffers=buffers or {}, label_counts=label_counts, extractors=extractors))
     return method
 
 

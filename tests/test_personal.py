@@ -141,7 +141,7 @@ def fedecouple_round(cstates=None, rounds=1, **hp):
         tree_assign(cstates, cohort, res.client_states)
         gstate, _ = method.aggregate(gstate, res.uplink, ctx)
         log.append({"down": down, "up": res.uplink, "cohort": cohort, "before": before,
-                    "after": tree_map(torch.clone, cstates), "gstate": gstate})
+                    "after": tree_map(torch.clone, cstates), "gstate": gstate, "x": x, "y": y})
     return method, params, log
 
 
@@ -347,6 +347,8 @@ def test_500_clients_with_stacked_personal_state(tmp_path):
     (["method=fedecouple", "method.phase_fractions=[0.5,0.6,0.3]"], "phase_fractions"),
     (["method=fedecouple", "method.anchors=random"], "method.anchors"),
     (["method=fedecouple", "method.eval_extractor=mine"], "method.eval_extractor"),
+    (["method=fedecouple", "method.phase_epochs=[3,1]"], "method.phase_epochs"),
+    (["method=fedper", "metrics.extractors=all"], "metrics.extractors"),
     (["method=fedecouple", "partition.s=2"], "partition.s"),
 ])
 def test_bad_personalized_overrides_fail_clearly(tmp_path, override, match):
@@ -385,3 +387,85 @@ def test_batched_personal_evaluation_equals_the_per_client_loop(tmp_path, method
             a, n = np.array(accs), np.array(counts)
             assert got[f"personal/{split}_acc"] == pytest.approx(float((a * n).sum() / n.sum()), abs=1e-12)
             assert got[f"personal/{split}_acc_min"] == pytest.approx(float(a.min()), abs=1e-12)
+
+
+def test_fedecouple_global_anchors_are_the_received_extractors_class_centroids():
+    """anchors=global: after a round of one epoch, a participant's anchors are the class means of the
+    features the round's global extractor gives its own samples (float64); they are never sent."""
+    method, params, log = fedecouple_round(anchors="global")
+    rec = log[0]
+    body = {k: v for k, v in params.items() if not k.startswith("head.")}
+    x, y = rec["x"], rec["y"]
+    for k in rec["cohort"].tolist():
+        idx = slice(k * 20, (k + 1) * 20)
+        h = method.features(body, {}, x[idx])
+        centroids = torch.stack([h[y[idx] == c].mean(0) for c in range(10)])
+        torch.testing.assert_close(rec["after"]["anchors"][k], centroids, rtol=0, atol=1e-12)
+    ema = fedecouple_round(anchors="ema")[2][0]["after"]["anchors"]
+    assert float((ema[0] - rec["after"]["anchors"][0]).abs().max()) > 1e-3
+    assert not any("anchor" in k for k in set(rec["up"]) | set(rec["down"].tensors))
+
+
+def test_fedecouple_phase_epochs_put_each_phase_on_whole_epochs():
+    """phase_epochs [3, 1, 2]: FedPAC's budget (1 classifier + 5 extractor epochs) as whole epochs: the
+    step at position s of E x m steps is in the phase of epoch s // m, for any m (no rounding slips)."""
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 8, 8), 10)
+    method = make_method(FedeCouple, {"phase_epochs": [3, 1, 2]}, model=model)
+    assert method.local_epochs(5) == 6
+    owner = ["glf_global"] * 3 + ["gpc"] + ["glf_local"] * 2
+    for per_epoch in range(1, 40):
+        steps = 6 * per_epoch
+        progress = torch.arange(steps, dtype=torch.float32) / steps
+        for phase in ("glf_global", "gpc", "glf_local"):
+            got = method._in_phase(phase, progress).bool().tolist()
+            assert got == [owner[s // per_epoch] == phase for s in range(steps)], (phase, per_epoch)
+
+
+def test_fedecouple_and_fedpac_get_the_same_local_budget(tmp_path):
+    """method.phase_epochs=[3,1,2] gives FedeCouple FedPAC's local steps, round by round."""
+    steps = {}
+    for method, extra in (("fedecouple", ["method.phase_epochs=[3,1,2]"]), ("fedpac", [])):
+        run_experiment(compose_cfg(PERSONAL + [f"method={method}", "local_epochs=1"] + extra), tmp_path / method)
+        steps[method] = [r["train/client_steps"] for r in read_jsonl(tmp_path / method / "metrics.jsonl")]
+    # FedPAC's 1 + 5 training epochs and one prototype pass; FedeCouple trains in all of its 6 epochs
+    assert [s * 7 for s in steps["fedecouple"]] == [s * 6 for s in steps["fedpac"]]
+
+
+@pytest.mark.parametrize("method", ["fedper", "fedecouple", "ditto"])
+def test_both_extractors_score_the_global_and_each_clients_own_extractor(tmp_path, method):
+    """metrics.extractors=both: personal_global/* and personal_own/* for methods that train a shared
+    extractor under a personal head; personal/* is the method's own convention (FedPer: global;
+    FedeCouple: own). personal_own/test_acc equals a hand evaluation of the checkpoint's kept
+    extractors; without the option no extractor is kept."""
+    from fedbench.run.build import build_run
+
+    cfg = compose_cfg(PERSONAL + [f"method={method}", "hardware.dtype=float64", "metrics.extractors=both"])
+    s = run_experiment(cfg, tmp_path / "run")
+    if method == "ditto":  # a whole personal model: one convention, nothing kept
+        assert not any(k.startswith(("personal_own/", "personal_global/")) for k in s)
+        return
+    default = {"fedper": "global", "fedecouple": "own"}[method]
+    for stat in ("test_acc", "val_acc", "test_acc_std", "test_acc_min"):
+        assert s[f"personal/{stat}"] == s[f"personal_{default}/{stat}"]
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    g, cs = ck["gstate"], ck["cstates"]
+    assert 0 < int(cs["x_trained"].sum()) < 8  # participation 0.5 over 2 rounds: some never trained
+    (tmp_path / "again").mkdir()
+    run = build_run(cfg, tmp_path / "again")
+    head = cs["private"]  # FedPer's private head; FedeCouple's personal classifier phi_i
+    hits = n = 0
+    for k in range(8):
+        idx = torch.as_tensor(run.part.test[k])
+        params = dict(g["params"])
+        if bool(cs["x_trained"][k] > 0):
+            params.update({n_: v[k] for n_, v in cs["extractor"].items() if n_ in params})
+        params.update({n_: v[k] for n_, v in head.items()})
+        logits = torch.func.functional_call(run.model, (params, g["buffers"]), (run.dataset.x_train[idx],))
+        hits += int((logits.argmax(-1) == run.dataset.y_train[idx]).sum())
+        n += len(idx)
+    assert s["personal_own/test_acc"] == pytest.approx(hits / n, abs=1e-12)
+    plain = compose_cfg(PERSONAL + [f"method={method}", "hardware.dtype=float64"])
+    s2 = run_experiment(plain, tmp_path / "plain")
+    kept = set(torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)["cstates"])
+    assert ("extractor" in kept) == (method == "fedecouple")  # its own convention needs them
+    assert s2["personal/test_acc"] == s["personal/test_acc"]  # scoring more changes nothing trained

@@ -93,4 +93,7 @@ class FeaturesConfig(GroupConfig):
 @dataclass(frozen=True)
 class MetricsConfig(GroupConfig):
     target: float | None = spec(0.9, gt=0, le=1)   # rounds_to_target: first round with val metric >= target
+    # method: personal/* in each method's convention | both: also personal_global/* and personal_own/*
+    # (the global extractor; each client's own after its last round) where a method has both
+    extractors: str = spec("method", choices=("method", "both"))
 

@@ -36,6 +36,9 @@ class RunContext:
     label_counts: torch.Tensor | None = None   # [N, C] training label counts per client (classification)
     # the pooled training data of all clients, gathered on demand: a server-held sample comes from it
     pooled_train: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # metrics.extractors: method (each method's own evaluation convention) | both (personal models
+    # with a personal head on a shared extractor are also scored with the global and their own one)
+    extractors: str = "method"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,12 @@ Optional, with the defaults below (override what the method needs; nothing is pr
                                 with (default: the global model, so every method is scored per client)
     new_client_params(gstate, client_state, x_train, y_train) -> the same for a client that never
                                 trained (held-out clients, unseen/*): the method's rule for a new client
+    extractor_conventions()     the extractors its personal models can also be scored with
+                                (metrics.extractors=both: ("global", "own") where a client trains the
+                                shared extractor and predicts with a personal head; default: none)
+    personal_params_with(gstate, client_state, x_train, y_train, extractor) -> personal_params with
+                                the global extractor or with the client's own (personal_global/*,
+                                personal_own/*)
     gated_final(gstate)         the sparsified tensors (density, TDR); None: the method does not sparsify
     expected_density(gstate)    mean P(gate open); None where it does not apply
 Declared flags: batchable, prefers_sequential, uses_backbone, has_global_model, reports_train_loss,
@@ -203,6 +209,13 @@ class Method:
     def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
         return self.eval_state(gstate)
+
+    def extractor_conventions(self) -> tuple[str, ...]:
+        return ()
+
+    def personal_params_with(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                             y_train: torch.Tensor, extractor: str) -> tuple[Tensors, Tensors]:
+        raise NotImplementedError(f"{self.name} has one evaluation convention (extractor_conventions)")
 
     def new_client_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                           y_train: torch.Tensor) -> tuple[Tensors, Tensors]:

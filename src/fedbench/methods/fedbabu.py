@@ -29,6 +29,7 @@ class FedBABU(PersonalizedMethod):
     Config = FedBABUConfig
     step_size_keys = ("server_lr", "finetune_lr")
     shared = "body"
+    two_extractors = True
 
     def grad_mask(self, local: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {k: 0.0 for k in local["params"] if k.startswith("head.")}

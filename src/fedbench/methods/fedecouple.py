@@ -8,8 +8,13 @@ round, phases by the share of the client's local steps (`phase_fractions`, in `p
   gpc:        train phi_i on frozen features: CE(g(h; phi_i), y)
               + kappa_t * tau^2 * KL(softmax(g(h; phi_g)/tau) || softmax(g(h; phi_i)/tau))   (GPC)
   glf_local:  train theta with phi_i frozen: CE(g(f(x); phi_i), y) + mu_local * ||f(x) - a_y||^2
-Anchors: `ema` (running class means of the client's own features) or `seeded` (fixed random anchors from
-a shared seed: the same on every client, never sent). Anchors never enter a payload.
+Anchors: `ema` (running class means of the client's own features), `global` (the class centroids of
+the GLOBAL extractor's features - the one the client received this round, frozen - over the client's
+own samples: running means over the round's steps, exact once every sample has been seen; the
+reviews' "global feature anchors" read without extra communication) or `seeded` (fixed random anchors
+from a shared seed: the same on every client). Anchors never enter a payload.
+Local budget: `phase_fractions` of the run's local epochs, or `phase_epochs` (whole epochs per phase,
+their sum the local epochs: [3, 1, 2] is FedPAC's budget of 1 classifier + 5 extractor epochs).
 Uplink: theta_i and phi_i (FedAvg's bytes); phi_g becomes the aggregate of the phi_i. Aggregation
 weights: n_i * exp(cos(delta_i, mean delta) / temperature), normalised and clipped to
 [clip_low, clip_high] / K (fair, similarity-based). Evaluation (`eval_extractor`): `local` (the spec's
@@ -63,8 +68,12 @@ class FedeCoupleConfig(PersonalConfig):
     phase_order: tuple[str, ...] = spec(PHASES, choices=PHASES)
     # share of each client's local steps per phase
     phase_fractions: tuple[float, ...] = spec((0.5, 0.2, 0.3), ge=0, le=1)
-    # ema: running class means of the client's own features | seeded: shared fixed
-    anchors: str = spec("ema", choices=("ema", "seeded"))
+    # null: phase_fractions of the run's local epochs | whole local epochs per phase (their sum the
+    # round's local epochs, the run's local_epochs then does not apply)
+    phase_epochs: tuple[int, ...] | None = None
+    # ema: running class means of the client's own features | global: class centroids of the received
+    # global extractor's features on the client's samples | seeded: shared fixed
+    anchors: str = spec("ema", choices=("ema", "global", "seeded"))
     anchor_momentum: float = spec(0.9, ge=0, lt=1)  # ema anchors
     anchor_seed: int = spec(0, ge=0)  # seeded anchors
     anchor_scale: float = spec(1.0, gt=0)
@@ -90,6 +99,11 @@ class FedeCoupleConfig(PersonalConfig):
         fr = list(self.phase_fractions)
         if len(fr) != len(order) or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
             raise ConfigError(f"method.phase_fractions={fr}: {len(order)} non-negative shares summing to 1")
+        if self.phase_epochs is not None:
+            ep = list(self.phase_epochs)
+            if len(ep) != len(order) or any(e < 0 for e in ep) or sum(ep) < 1:
+                raise ConfigError(f"method.phase_epochs={ep}: {len(order)} whole epochs >= 0 (one per phase of "
+                                  f"method.phase_order), at least one in all; or null")
         if self.clip_low > self.clip_high:
             raise ConfigError(f"method.clip_low={self.clip_low:g} > method.clip_high={self.clip_high:g}: the "
                               f"aggregation weights are held in [clip_low, clip_high] / K; clip_low <= clip_high")
@@ -102,13 +116,18 @@ class FedeCouple(PersonalizedMethod):
     shared = "all"  # theta and phi_g live on the server; phi_i is extra client state
     has_global_model = True
     needs_progress = True
+    two_extractors = True
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
         params = ctx.params
         self.head_keys = [k for k in params if k.startswith("head.")]
-        fractions = [0.0, *self.cfg.phase_fractions]
-        edges = torch.cumsum(torch.tensor(fractions, dtype=torch.float64), 0).tolist()
+        # phase edges on the scale of `progress x phase_scale` (whole epochs with phase_epochs, shifted by
+        # phase_eps so that rounding never puts an epoch's first step in the previous phase)
+        shares = self.cfg.phase_fractions if self.cfg.phase_epochs is None else self.cfg.phase_epochs
+        self.phase_scale = 1.0 if self.cfg.phase_epochs is None else float(sum(self.cfg.phase_epochs))
+        self.phase_eps = 0.0 if self.cfg.phase_epochs is None else 1e-6
+        edges = torch.cumsum(torch.tensor([0.0, *shares], dtype=torch.float64), 0).tolist()
         self.phase_span = {p: (edges[i], edges[i + 1]) for i, p in enumerate(self.cfg.phase_order)}
         self.feature_dim = int(params["head.weight"].shape[1])
         ref = params["head.weight"]
@@ -124,11 +143,14 @@ class FedeCouple(PersonalizedMethod):
             "private": {k: per_client(p[k], n_clients) for k in self.head_keys},   # personal classifier
             "anchors": ref.new_zeros(n_clients, self.num_classes, self.feature_dim),
             "anchor_seen": ref.new_zeros(n_clients, self.num_classes)}
-        if self.cfg.eval_extractor == "local":
-            body = {**{k: v for k, v in p.items() if not k.startswith("head.")}, **gstate["buffers"]}
-            state["extractor"] = {k: per_client(v, n_clients) for k, v in body.items()}
-            state["x_trained"] = ref.new_zeros(n_clients)  # 0 until the client's first round
-        return state
+        return {**state, **self.init_extractor_state(gstate, n_clients)}
+
+    @property
+    def default_extractor(self) -> str:
+        return "own" if self.cfg.eval_extractor == "local" else "global"
+
+    def local_epochs(self, configured: int) -> int:
+        return configured if self.cfg.phase_epochs is None else sum(self.cfg.phase_epochs)
 
     def kappa(self, round_: int) -> float:
         k0 = self.cfg.kd_weight
@@ -146,6 +168,9 @@ class FedeCouple(PersonalizedMethod):
         local = super().client_init(down, {}, client_id)
         local["phead"] = {k: cstate["private"][k].clone() for k in self.head_keys}
         local["anchors"], local["anchor_seen"] = cstate["anchors"].clone(), cstate["anchor_seen"].clone()
+        if self.cfg.anchors == "global":  # this round's extractor: centroids start again from nothing
+            local["anchor_sum"] = torch.zeros_like(local["anchors"])
+            local["anchor_seen"] = torch.zeros_like(local["anchor_seen"])
         return local
 
     # ---- local training --------------------------------------------------------------------
@@ -153,15 +178,24 @@ class FedeCouple(PersonalizedMethod):
         if name not in self.phase_span:
             return torch.zeros_like(progress)
         lo, hi = self.phase_span[name]
-        return ((progress >= lo) & (progress < hi)).to(progress.dtype)
+        position = progress * self.phase_scale + self.phase_eps
+        return ((position >= lo) & (position < hi)).to(progress.dtype)
 
     def client_step(self, local: dict[str, Any], down: dict[str, Any],
                     batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
         w, y = batch["w"], batch["y"]
         ph = {p: self._in_phase(p, batch["progress"]).to(w.dtype) for p in PHASES}
-        ema = self.cfg.anchors == "ema"
+        ema, central = self.cfg.anchors == "ema", self.cfg.anchors == "global"
         anchors = local["anchors"] if ema else self.seeded_anchors
         seen = local["anchor_seen"] if ema else torch.ones_like(local["anchor_seen"])
+        if central:  # running class means of the received global extractor's features, this batch included
+            onehot = F.one_hot(y, self.num_classes).to(w.dtype) * w.unsqueeze(-1)
+            body_g = {k: v for k, v in down["params"].items() if not k.startswith("head.")}
+            h_g = self.features(body_g, down.get("buffers") or local["buffers"], batch["x"]).detach()
+            anchor_sum = local["anchor_sum"] + onehot.T @ h_g
+            seen = local["anchor_seen"] + onehot.sum(0)   # sample counts (weights) per class
+            anchors = anchor_sum / seen.clamp_min(1.0).unsqueeze(-1)
+            seen = (seen > 0).to(w.dtype)
         tau = self.cfg.kd_temperature
         mu, mu_local = self.cfg.anchor_weight, self.cfg.anchor_weight_local
         body = {k: v for k, v in local["params"].items() if not k.startswith("head.")}
@@ -188,6 +222,9 @@ class FedeCouple(PersonalizedMethod):
         new_body = self.sgd(body, g_theta, local, new, {})
         new["phead"] = sgd_step(local["phead"], g_phi, self.lr * ph["gpc"])
         new["params"] = {**new_body, **phi_g}
+        if central:
+            new["anchor_sum"], new["anchor_seen"] = anchor_sum, local["anchor_seen"] + onehot.sum(0)
+            new["anchors"] = anchors
         if ema:
             beta = self.cfg.anchor_momentum
             onehot = F.one_hot(y, self.num_classes).to(h.dtype) * w.unsqueeze(-1)
@@ -205,11 +242,7 @@ class FedeCouple(PersonalizedMethod):
         params = {**{k: v for k, v in local["params"].items() if not k.startswith("head.")}, **local["phead"]}
         up = {"params": params, "buffers": local["buffers"]}
         keep: dict[str, Any] = {"private": dict(local["phead"]), "anchors": local["anchors"],
-                                "anchor_seen": local["anchor_seen"]}
-        if self.cfg.eval_extractor == "local":
-            keep["extractor"] = {**{k: v for k, v in params.items() if not k.startswith("head.")},
-                                 **local["buffers"]}
-            keep["x_trained"] = torch.ones_like(cstate["x_trained"])
+                                "anchor_seen": local["anchor_seen"], **self.extractor_state(local)}
         return up, keep
 
     # ---- server ----------------------------------------------------------------------------
@@ -229,9 +262,10 @@ class FedeCouple(PersonalizedMethod):
 
     def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:
-        params = {**gstate["params"], **{k: cstate["private"][k] for k in self.head_keys}}
-        buffers = gstate["buffers"]
-        if self.cfg.eval_extractor == "local" and bool(cstate["x_trained"] > 0):
-            params.update({k: cstate["extractor"][k] for k in params if not k.startswith("head.")})
-            buffers = {k: cstate["extractor"][k] for k in buffers}
-        return params, buffers
+        return self.personal_params_with(gstate, cstate, x_train, y_train, self.default_extractor)
+
+    def personal_params_with(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                             y_train: torch.Tensor, extractor: str) -> tuple[Tensors, Tensors]:
+        """The extractor (`own`: theta_i, or `global`: theta) and the personal classifier phi_i."""
+        model = self.with_extractor(gstate, cstate, extractor)
+        return {**model["params"], **{k: cstate["private"][k] for k in self.head_keys}}, model["buffers"]

@@ -103,6 +103,7 @@ class FedPAC(PersonalizedMethod):
     Config = FedPACConfig
     step_size_keys = ("server_lr", "head_lr")
     shared = "body"
+    two_extractors = True
     needs_progress = True
 
     def setup(self, ctx: RunContext) -> None:

@@ -9,5 +9,6 @@ from fedbench.registry import register
 class FedPer(PersonalizedMethod):
     name = "fedper"
     shared = "body"
+    two_extractors = True
     fusable = True
     run_keys = ("server_lr",)

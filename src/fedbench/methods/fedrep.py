@@ -39,6 +39,7 @@ class FedRep(PersonalizedMethod):
     fusable = True
     run_keys = ("server_lr",)
     shared = "body"
+    two_extractors = True
     needs_progress = True
 
     def local_epochs(self, configured: int) -> int:

@@ -26,6 +26,7 @@ class FedRoD(PersonalizedMethod):
     name = "fedrod"
     shared = "all"
     has_global_model = True    # the generic head: balanced, evaluated as the global model
+    two_extractors = True
 
     def setup(self, ctx: RunContext) -> None:
         super().setup(ctx)
@@ -40,7 +41,7 @@ class FedRoD(PersonalizedMethod):
         if counts is None or counts.shape != (n_clients, self.num_classes):
             raise ConfigError("method=fedrod needs a classification task (each client's label counts)")
         return {"personal_head": {k: p[k].new_zeros(n_clients, *p[k].shape) for k in self.head_keys},
-                "label_counts": counts.to(p["head.weight"])}
+                "label_counts": counts.to(p["head.weight"]), **self.init_extractor_state(gstate, n_clients)}
 
     def client_init(self, down: dict[str, Any], cstate: Any, client_id: torch.Tensor) -> dict[str, Any]:
         local = super().client_init(down, {}, client_id)
@@ -68,7 +69,8 @@ class FedRoD(PersonalizedMethod):
 
     def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         up, _ = super().client_final(local, down, cstate)
-        return up, {"personal_head": dict(local["phead"]), "label_counts": local["label_counts"]}
+        return up, {"personal_head": dict(local["phead"]), "label_counts": local["label_counts"],
+                    **self.extractor_state(local)}
 
     def personal_params(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
                         y_train: torch.Tensor) -> tuple[Tensors, Tensors]:

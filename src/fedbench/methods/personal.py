@@ -50,6 +50,9 @@ class PersonalizedMethod(LocalSGDMethod):
     has_global_model = False  # False: accuracy is only meaningful per client (personal/*)
     has_personal_models = True
     needs_progress = False    # True: batches carry `progress` (step / the client's steps) for phases
+    # True: the client trains the shared extractor and predicts with a personal head, so its model can
+    # be scored with the global extractor or with its own (the one it left its last round with)
+    two_extractors = False
 
     # ---- set-up ----------------------------------------------------------------------------
     def setup(self, ctx: RunContext) -> None:
@@ -62,7 +65,13 @@ class PersonalizedMethod(LocalSGDMethod):
         self.shared_keys = [k for k in params if self.is_shared(k)]
         self.private_keys = [k for k in params if not self.is_shared(k)]
         self.init_buffers = {k: v.detach().clone() for k, v in ctx.buffers.items()}
+        # each client's own extractor is kept ([N, ...] client state) only where something scores it
+        self.keeps_extractor = self.two_extractors and (ctx.extractors == "both" or self.default_extractor == "own")
 
+    @property
+    def default_extractor(self) -> str:
+        """The extractor personal/* uses: the global one (the papers' convention), unless a method says."""
+        return "global"
     def is_shared(self, name: str) -> bool:
         return self.shared == "all" or (self.shared != "none" and name.startswith(self.shared + "."))
 
@@ -77,7 +86,40 @@ class PersonalizedMethod(LocalSGDMethod):
                                              for k in self.private_keys}}
         if self.private_buffers:
             state["private_buffers"] = {k: per_client(v, n_clients) for k, v in gstate["buffers"].items()}
-        return state
+        return {**state, **self.init_extractor_state(gstate, n_clients)}
+
+    # ---- each client's own extractor (metrics.extractors=both, FedeCouple's local evaluation) -----
+    def init_extractor_state(self, gstate: dict[str, Any], n_clients: int) -> dict[str, Any]:
+        """{extractor: body params and buffers [N, ...], x_trained: [N]} where kept, else {}."""
+        if not self.keeps_extractor:
+            return {}
+        body = {**{k: v for k, v in gstate["params"].items() if not k.startswith("head.")}, **gstate["buffers"]}
+        ref = gstate["params"]["head.weight"]
+        return {"extractor": {k: per_client(v, n_clients) for k, v in body.items()},
+                "x_trained": ref.new_zeros(n_clients)}  # 0 until the client's first round
+
+    def extractor_state(self, local: dict[str, Any]) -> dict[str, Any]:
+        """The extractor the client leaves this round with (its part of the next client state)."""
+        if not self.keeps_extractor:
+            return {}
+        body = {k: v for k, v in local["params"].items() if not k.startswith("head.")}
+        return {"extractor": {**body, **local["buffers"]}, "x_trained": torch.ones_like(local["steps"])}
+
+    def with_extractor(self, gstate: dict[str, Any], cstate: Any, extractor: str) -> dict[str, Any]:
+        """`gstate` whose extractor (body and buffers) is the client's own where `extractor` is "own"
+        and the client has trained (a client never sampled has only the global one)."""
+        if extractor == "global" or not bool(cstate["x_trained"] > 0):
+            return gstate
+        own = cstate["extractor"]
+        return {**gstate, "params": {k: own.get(k, v) for k, v in gstate["params"].items()},
+                "buffers": {k: own[k] for k in gstate["buffers"]}}
+
+    def extractor_conventions(self) -> tuple[str, ...]:
+        return ("global", "own") if self.keeps_extractor and self.ctx.extractors == "both" else ()
+
+    def personal_params_with(self, gstate: dict[str, Any], cstate: Any, x_train: torch.Tensor,
+                             y_train: torch.Tensor, extractor: str) -> tuple[Tensors, Tensors]:
+        return self.personal_params(self.with_extractor(gstate, cstate, extractor), cstate, x_train, y_train)
 
     def client_fns(self, ctx: RoundContext) -> ClientFns:
         return ClientFns(self.client_init, self.client_step, self.client_final, self.needs_progress)
@@ -159,7 +201,7 @@ class PersonalizedMethod(LocalSGDMethod):
         keep: dict[str, Any] = {"private": {k: local["params"][k] for k in self.private_keys}}
         if self.private_buffers:
             keep["private_buffers"] = dict(local["buffers"])
-        return keep
+        return {**keep, **self.extractor_state(local)}
 
     def client_final(self, local: dict[str, Any], down: dict[str, Any], cstate: Any) -> tuple[dict[str, Any], Any]:
         up = {} if self.shared == "none" else {

@@ -5,6 +5,8 @@ and the report use these; a classifier's score is `acc`, a regressor's `r2` (nev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 ROUND = "round"
 
 # the round's bookkeeping (run/loop.py)
@@ -94,6 +96,12 @@ def final(split: str, name: str) -> str:
 def personal(split: str, stat: str = "") -> str:
     """personal/val_acc, personal/test_acc_std, personal/test_acc_min ..."""
     return f"personal/{split}_acc{'_' + stat if stat else ''}"
+
+
+def personal_with(extractor: str) -> Callable[..., str]:
+    """name(split, stat) of personal models scored with the global or each client's own extractor
+    (metrics.extractors=both): personal_global/test_acc, personal_own/test_acc_std ..."""
+    return lambda split, stat="": f"personal_{extractor}/{split}_acc{'_' + stat if stat else ''}"
 
 
 def global_on_clients(split: str, stat: str = "") -> str:

@@ -37,7 +37,7 @@ from fedbench.models.warmstart import apply_warm_start, pretrain
 from fedbench.run.artefacts import write_partition
 from fedbench.run.state import RunState, fingerprint
 from fedbench.run.validation import DTYPES, method_config, resolve_device, typed_group
-from fedbench.settings import HardwareConfig, WarmStartConfig
+from fedbench.settings import HardwareConfig, MetricsConfig, WarmStartConfig
 from fedbench.tracking.files import write_json
 
 log = logging.getLogger("fedbench")
@@ -166,7 +166,8 @@ def run_context(cfg: DictConfig, dataset: Any, part: Partition, device: torch.de
     counts = label_counts(dataset.y_train, part, dataset.num_classes) if dataset.task == "classification" else None
     return RunContext(device=device, task=dataset.task, num_classes=dataset.num_classes,
                       in_features=math.prod(dataset.input_shape), total_rounds=int(cfg.rounds), lr=float(cfg.lr),
-                      seed=int(cfg.seed), label_counts=counts, pooled_train=pooled_train)
+                      seed=int(cfg.seed), label_counts=counts, pooled_train=pooled_train,
+                      extractors=typed_group(cfg, "metrics", MetricsConfig).extractors)
 
 
 def warm_start(cfg: DictConfig, model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:

@@ -86,21 +86,24 @@ def global_eval_due(run: Run, round_: int) -> bool:
 
 def evaluate_personal(method: Method, gstate: dict[str, Any], cstates: dict[str, Any],
                       model: torch.nn.Module, dataset: Any, part: Partition,
-                      chunk: int = 64) -> dict[str, float]:
+                      chunk: int = 64, extractor: str | None = None) -> dict[str, float]:
     """Each client's own model on its own local validation / test split (personal/*).
 
     Methods without personal state (FedAvg ...) are scored with the global model on the same splits
     (`personal_params` defaults to the global model), so global and personalized methods compare on
     equal terms. Batched over clients: clients whose models are the same tensors (a global model) share
     one forward pass over all their samples; the others are mapped with vmap, `chunk` clients at a time
-    (each client's samples padded to the chunk's largest split)."""
+    (each client's samples padded to the chunk's largest split). `extractor` ("global" | "own", one of
+    the method's `extractor_conventions`): personal_global/* or personal_own/* instead."""
     device = dataset.x_train.device
     models: dict[int, tuple[dict, dict]] = {}
     for k in _scored_clients(part):
         train = torch.as_tensor(part.train[k], device=device)
-        models[k] = method.personal_params(gstate, tree_index(cstates, k), dataset.x_train[train],
-                                           dataset.y_train[train])
-    return _client_accuracy(models, model, dataset, part, chunk, names.personal)
+        x, y, cstate = dataset.x_train[train], dataset.y_train[train], tree_index(cstates, k)
+        models[k] = (method.personal_params(gstate, cstate, x, y) if extractor is None
+                     else method.personal_params_with(gstate, cstate, x, y, extractor))
+    name = names.personal if extractor is None else names.personal_with(extractor)
+    return _client_accuracy(models, model, dataset, part, chunk, name)
 
 
 def evaluate_global_on_clients(method: Method, gstate: dict[str, Any], model: torch.nn.Module,
@@ -281,6 +284,9 @@ class EvaluationCallback(Callback):
         if run.has_local_splits:
             personal = evaluate_personal(method, state.gstate, state.cstates, run.model, run.dataset, run.part)
             out.update(personal)
+            for extractor in method.extractor_conventions():  # metrics.extractors=both
+                out.update(evaluate_personal(method, state.gstate, state.cstates, run.model, run.dataset,
+                                             run.part, extractor=extractor))
             if method.has_global_model and method.has_personal_models and method.predicts_with_backbone:
                 # both protocols side by side: the global model on the same client splits
                 out.update(evaluate_global_on_clients(method, state.gstate, run.model, run.dataset, run.part))
