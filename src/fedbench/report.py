@@ -196,6 +196,7 @@ def _save(fig: Any, ax: Any, path: Path, title: str, logx: bool = True, integer_
 
 
 AXIS_LABELS = {"global/val_acc": "validation accuracy", "global/val_r2": "validation R^2",
+               "global/val_f1": "validation micro-F1",
                "personal/val_acc": "personal validation accuracy (mean over clients)",
                "comm/bytes_total": "cumulative bytes sent (up + down)", "round": "round"}
 
@@ -268,7 +269,8 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     df = df[ok]
     written = []
     labels = [c for c in swept_keys(df)] or ["method.name"]
-    y_key = "global/val_acc" if "best/val_acc" in df and df["best/val_acc"].notna().any() else "global/val_r2"
+    scored = [s for s in ("acc", "f1") if f"best/val_{s}" in df and df[f"best/val_{s}"].notna().any()]
+    y_key = f"global/val_{scored[0]}" if scored else "global/val_r2"
     for x, fname in (("round", "val_vs_round.png"), ("comm/bytes_total", "val_vs_bytes.png")):
         written += _curve_plot(df, labels, x, y_key, out / fname, note)
     no_global = df["best/val_acc"].isna() if "best/val_acc" in df else pd.Series(True, index=df.index)

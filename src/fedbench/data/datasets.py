@@ -122,7 +122,7 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
-    task: str = "classification"  # or "regression"
+    task: str = "classification"  # | regression | multilabel (y: [n, labels] of 0/1)
     true_support: torch.Tensor | None = None  # indices of the true non-zero coefficients (synthetic)
     info: dict[str, Any] = field(default_factory=dict)
     # per-sample columns of the training pool kept for partitioning (e.g. FEMNIST's writer_id), row-aligned
@@ -137,7 +137,7 @@ class Dataset:
             return t.to(device=device, dtype=dtype)
 
         def cast_y(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if self.task == "regression" else torch.long)
+            return t.to(device=device, dtype=torch.long if self.task == "classification" else dtype)
 
         return Dataset(
             self.name, cast_x(self.x_train), cast_y(self.y_train), cast_x(self.x_val), cast_y(self.y_val),

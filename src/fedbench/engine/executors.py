@@ -42,7 +42,7 @@ def _gather(view: ClientView, sched: BatchSchedule, rows: Any, s: int,
     flat = idx.reshape(-1)
     # index_select on a flat index is several times faster than advanced indexing with a 2-D index
     batch = {"x": torch.index_select(view.x, 0, flat).view(*idx.shape, *view.x.shape[1:]),
-             "y": torch.index_select(view.y, 0, flat).view(idx.shape),
+             "y": torch.index_select(view.y, 0, flat).view(*idx.shape, *view.y.shape[1:]),
              "w": sched.weight[rows, s]}
     if sched.noise is not None:
         batch["noise"] = sched.noise[rows, s]

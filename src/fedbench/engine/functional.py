@@ -68,6 +68,9 @@ def split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, to
 def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     if task == "regression":
         return (out.reshape(y.shape) - y) ** 2
+    if task == "multilabel":  # one logistic loss per label, summed: a sparse logistic model per label
+        out = out.float() if out.dtype == torch.bfloat16 else out
+        return F.binary_cross_entropy_with_logits(out, y.to(out.dtype), reduction="none").sum(-1)
     return F.cross_entropy(out.float() if out.dtype == torch.bfloat16 else out, y, reduction="none")
 
 

@@ -79,7 +79,7 @@ def _batches(parts: list[RunRound], s: int, progress: bool) -> dict[str, torch.T
     idx = torch.stack([p.sched.idx[:, t] for p, t in zip(parts, steps, strict=True)])  # [R, K, B]
     flat = idx.reshape(-1)
     batch = {"x": torch.index_select(x, 0, flat).view(*idx.shape, *x.shape[1:]),
-             "y": torch.index_select(y, 0, flat).view(idx.shape),
+             "y": torch.index_select(y, 0, flat).view(*idx.shape, *y.shape[1:]),
              "w": torch.stack([p.sched.weight[:, t] for p, t in zip(parts, steps, strict=True)])}
     if parts[0].sched.noise is not None:
         batch["noise"] = torch.stack([p.sched.noise[:, t] for p, t in zip(parts, steps, strict=True)])

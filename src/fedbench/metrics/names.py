@@ -64,9 +64,20 @@ NNZ = "sparsity/nnz"
 TDR = "sparsity/tdr"
 
 
+# classification: one label per sample (softmax) | regression | multilabel: any number of labels per
+# sample (a sigmoid per label, RCV1)
+TASKS = ("classification", "regression", "multilabel")
+
+
 def score(task: str) -> str:
-    """The name of the task's headline score: `acc` for classification, `r2` for regression."""
-    return "r2" if task == "regression" else "acc"
+    """The name of the task's headline score: `acc` for classification, `r2` for regression, `f1`
+    (micro-averaged over every label decision) for multilabel."""
+    return {"regression": "r2", "multilabel": "f1"}.get(task, "acc")
+
+
+def final_metrics(task: str) -> tuple[str, ...]:
+    """The global model's metrics a run's summary keeps from its last evaluation (final/*)."""
+    return {"regression": ("r2", "mse"), "multilabel": ("f1", "hamming_acc", "loss")}.get(task, ("acc", "loss"))
 
 
 def global_metric(split: str, name: str) -> str:
@@ -123,4 +134,4 @@ def selection_metric(task: str, has_global_model: bool) -> str:
 
 
 # the best-validation keys of both tasks and of personal models (sweep objectives, console headline)
-BEST_VALIDATION_KEYS = (best_val("classification"), best_val("regression"), BEST_PERSONAL_VAL_ACC)
+BEST_VALIDATION_KEYS = (*dict.fromkeys(best_val(t) for t in TASKS), BEST_PERSONAL_VAL_ACC)

@@ -127,6 +127,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def primary_labels(y: np.ndarray) -> np.ndarray:
+    """One label per sample of a multilabel task, for label-skew partitions: the most frequent of the
+    pool's labels the sample has (a broad topic where labels nest); L for a sample without any."""
+    order = np.argsort(-y.sum(0), kind="stable")        # labels, most frequent first
+    has = y[:, order] > 0
+    return np.where(has.any(1), order[has.argmax(1)], y.shape[1]).astype(np.int64)
+
+
 def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch.dtype,
               write: bool = True) -> tuple[Any, Partition, dict]:
     """The dataset on the run's device, its partition (written to run_dir), and the partition's statistics.
@@ -136,6 +144,8 @@ def load_data(cfg: DictConfig, run_dir: Path, device: torch.device, dtype: torch
     if dataset.task == "regression":
         edges = np.quantile(labels, np.linspace(0, 1, 11)[1:-1])
         part_labels, n_classes = np.searchsorted(edges, labels).astype(np.int64), 10
+    elif dataset.task == "multilabel":
+        part_labels, n_classes = primary_labels(labels), dataset.num_classes + 1
     else:
         part_labels, n_classes = labels, dataset.num_classes
     pcfg = typed_choice("partition", cfg.partition)

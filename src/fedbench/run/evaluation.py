@@ -14,7 +14,7 @@ from torch.func import functional_call, vmap
 from fedbench.data.partitions import Partition
 from fedbench.engine.functional import per_sample_loss, tree_index, tree_stack
 from fedbench.metrics import names
-from fedbench.metrics.evaluate import evaluate_fn
+from fedbench.metrics.evaluate import evaluate_fn, multilabel_counts, multilabel_scores
 from fedbench.metrics.sparsity import density, feature_support, support_scores
 from fedbench.metrics.tracker import BestTracker
 from fedbench.run.callbacks import Callback, callback
@@ -61,16 +61,22 @@ def _evaluate_runs(model: torch.nn.Module, params: dict, buffers: dict, x: torch
     if n == 0:
         return [{} for _ in range(n_runs)]
     losses, correct = [0.0] * n_runs, [0] * n_runs
+    counts = torch.zeros(n_runs, 3, dtype=torch.long)
     forward = vmap(lambda p, b, xb: functional_call(model, (p, b), (xb,)), in_dims=(0, 0, None))
     for i in range(0, n, batch):
         xb, yb = x[i:i + batch], y[i:i + batch]
         out = forward(params, buffers, xb).float()           # [R, b, ...]
         flat = out.reshape(n_runs * len(yb), *out.shape[2:])
-        loss = per_sample_loss(flat, yb.repeat(n_runs), task).view(n_runs, -1).sum(-1).tolist()
+        targets = yb.repeat(n_runs, *[1] * (yb.dim() - 1))
+        loss = per_sample_loss(flat, targets, task).view(n_runs, -1).sum(-1).tolist()
         losses = [a + b for a, b in zip(losses, loss, strict=True)]
         if task == "classification":
             hits = (out.argmax(-1) == yb).sum(-1).tolist()
             correct = [a + b for a, b in zip(correct, hits, strict=True)]
+        if task == "multilabel":
+            counts += multilabel_counts(out, yb).cpu()
+    if task == "multilabel":
+        return [multilabel_scores(c, s, n, int(y.shape[-1])) for c, s in zip(counts.tolist(), losses, strict=True)]
     if task == "regression":
         var = float(((y - y.mean()) ** 2).mean())
         return [{"mse": s / n, "r2": 1.0 - (s / n) / var if var > 0 else float("nan"), "loss": s / n}

@@ -88,7 +88,7 @@ class WandbCallback(Callback):
 
 def _headline(row: Mapping[str, Any]) -> dict[str, str]:
     """The numbers a person watches: validation metric and best so far, or personal accuracy."""
-    for task in ("classification", "regression"):
+    for task in names.TASKS:
         key, best = names.global_val(task), names.best_val(task)
         if key in row:
             return {key.split("/")[1]: f"{row[key]:.4f}", "best": f"{row[best]:.4f}@{row[names.BEST_ROUND]}"}

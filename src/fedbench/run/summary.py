@@ -34,7 +34,7 @@ def summarise(run: Run, state: RunState, end: RunEnd, callbacks: Sequence[Callba
     for cb in callbacks:
         summary.update(cb.summary(run, state))
     task = run.dataset.task
-    finals = ("acc", "loss") if task == "classification" else ("r2", "mse")
+    finals = names.final_metrics(task)
     summary.update({names.final(split, k): last.get(names.global_metric(split, k))
                     for split in ("val", "test") for k in finals})
     summary.update({
@@ -80,6 +80,12 @@ def format_summary(s: dict[str, Any]) -> str:
                   f"(rounds-to-best: {s.get(names.BEST_ROUND)})",
                   f"  test acc at best  {num(names.best_test('classification'))}",
                   f"  final test acc    {num(names.final('test', 'acc'))}"]
+    elif s.get(names.best_val("multilabel")) is not None:
+        lines += [f"  best val F1       {num(names.best_val('multilabel'))} "
+                  f"(micro over labels; rounds-to-best: {s.get(names.BEST_ROUND)})",
+                  f"  test F1 at best   {num(names.best_test('multilabel'))}",
+                  f"  final test F1     {num(names.final('test', 'f1'))} "
+                  f"(Hamming acc {num(names.final('test', 'hamming_acc'))})"]
     elif s.get(names.final("test", "acc")) is not None:  # no validation set: nothing was selected
         lines.append(f"  final test acc    {num(names.final('test', 'acc'))} (no validation set)")
     if s.get(names.BEST_ROUND) is not None and s.get(names.TARGET) is not None:

@@ -18,11 +18,7 @@ from fedbench.study.tuning import TrialResult
 
 # the test score of a run: the global model at its best-validation round, else the clients' own
 # models
-TEST_KEYS = (
-    names.best_test("classification"),
-    names.best_test("regression"),
-    names.BEST_PERSONAL_TEST_ACC,
-)
+TEST_KEYS = (*dict.fromkeys(names.best_test(t) for t in names.TASKS), names.BEST_PERSONAL_TEST_ACC)
 OWN_MODELS = names.PERSONAL_TEST_ACC  # each client's own model on its own test split (final round)
 GLOBAL_ON_CLIENTS = names.global_on_clients("test")  # the global model on the same splits
 
