@@ -152,14 +152,14 @@ def one_round(overrides, tmp_path):
     return run, run.federation.plan(1), model, out.gstate["params"], sched
 
 
-def reference_mean(run, model, cohort, sched):
+def reference_mean(run, model, cohort, sched, prox_mu=0.0):
     """The n_k-weighted mean of the cohort's local models, trained with torch.optim (bench.py)."""
     import copy
 
     from fedbench.bench import reference_round
 
     m = copy.deepcopy(model)
-    reference_round(m, run.view, cohort, sched, run.sizes, float(run.cfg.lr))
+    reference_round(m, run.view, cohort, sched, run.sizes, float(run.cfg.lr), prox_mu)
     return {k: v.detach() for k, v in m.named_parameters()}
 
 
@@ -174,6 +174,17 @@ def test_the_server_never_aggregates_a_dropped_clients_update(tmp_path):
     everyone = make_schedule(run.view, plan.sampled, 1, 1, 32, 1, None, torch.float64, "cpu")
     with_dropped = reference_mean(run, model, plan.sampled, everyone)
     assert max(float((params[k] - with_dropped[k]).abs().max()) for k in params) > 1e-4
+
+
+def test_fedprox_round_equals_torch_optim_with_the_proximal_term(tmp_path):
+    """FedProx (mu 0.5) after a round == the n_k-weighted mean of local models trained with torch.optim on
+    CE + mu/2 ||w - w_global||^2 (float64, 1e-12); and differs from FedAvg's."""
+    base = [o for o in FEDAVG if o != "method=fedavg"]
+    run, plan, model, params, sched = one_round(base + ["method=fedprox", "method.mu=0.5"], tmp_path)
+    want = reference_mean(run, model, plan.cohort, sched, prox_mu=0.5)
+    assert max(float((params[k] - want[k]).abs().max()) for k in params) < 1e-12
+    plain = reference_mean(run, model, plan.cohort, sched)
+    assert max(float((params[k] - plain[k]).abs().max()) for k in params) > 1e-6
 
 
 def test_fednova_normalises_each_clients_change_by_its_local_steps(tmp_path):

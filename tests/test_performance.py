@@ -112,3 +112,14 @@ def test_channels_last_changes_the_layout_not_the_result():
     assert layouts[1] and all(layouts[1])
     for k in out[0]["params"]:
         torch.testing.assert_close(out[1]["params"][k], out[0]["params"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_simple_cnn_has_pfl_researchs_parameter_count():
+    """The peer benchmark's model (pfl-research's simple_cnn, written from its architecture): 1,626,442
+    parameters at 3x32x32 with 10 classes, pfl's count."""
+    from omegaconf import OmegaConf
+
+    from fedbench.models.backbones import build_model
+
+    model = build_model(OmegaConf.create({"name": "simple_cnn"}), (3, 32, 32), 10)
+    assert sum(p.numel() for p in model.parameters()) == 1_626_442

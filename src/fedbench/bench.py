@@ -105,8 +105,10 @@ def engine_round(method: FedAvg, executor: Executor, gstate: dict, view: ClientV
 
 
 def reference_round(model: torch.nn.Module, view: ClientView, cohort: np.ndarray, sched: BatchSchedule,
-                    sizes: torch.Tensor, lr: float) -> None:
-    """How most FL frameworks run a round: a model copy, a DataLoader and an optimizer per client."""
+                    sizes: torch.Tensor, lr: float, prox_mu: float = 0.0) -> None:
+    """How most FL frameworks run a round: a model copy, a DataLoader and an optimizer per client
+    (`prox_mu` > 0: FedProx's mu/2 ||w - w_global||^2 added to every local loss)."""
+    start = [p.detach().clone() for p in model.parameters()]
     dataset = TensorDataset(view.x, view.y)
     states, weights = [], []
     for k in range(len(cohort)):
@@ -116,7 +118,8 @@ def reference_round(model: torch.nn.Module, view: ClientView, cohort: np.ndarray
                    for s in range(sched.steps) if bool(sched.step_mask[k, s])]
         for xb, yb in DataLoader(dataset, batch_sampler=batches):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(local(xb), yb).backward()
+            prox = sum(((p - p0) ** 2).sum() for p, p0 in zip(local.parameters(), start, strict=True))
+            (torch.nn.functional.cross_entropy(local(xb), yb) + prox_mu / 2 * prox).backward()
             opt.step()
         states.append(local.state_dict())
         weights.append(float(sizes[int(cohort[k])]))
