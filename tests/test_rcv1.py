@@ -93,6 +93,10 @@ def test_rcv1_run_scores_micro_f1_and_hamming_accuracy_by_hand(rcv1_root, tmp_pa
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, ds.y_test.double(), reduction="sum")
     assert s["final/test_loss"] == pytest.approx(float(bce) / len(truth), rel=1e-6)  # scored in float32
     assert s["final/test_f1"] > 0.5  # it learned something: the topics are a planted sparse model
+    from fedbench.run.summary import format_summary
+
+    text = format_summary(s)
+    assert "best val F1" in text and "Hamming acc" in text and "best val acc" not in text
 
 
 def test_flops_rcv1_preset_runs_gated_per_topic(rcv1_root, tmp_path):

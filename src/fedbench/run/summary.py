@@ -69,23 +69,19 @@ def format_summary(s: dict[str, Any]) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     lines = [f"fedbench summary ({s.get('status', 'completed')})"]
-    if s.get(names.best_val("regression")) is not None:
-        lines += [f"  best val R^2      {num(names.best_val('regression'))} "
-                  f"(rounds-to-best: {s.get(names.BEST_ROUND)})",
-                  f"  test R^2 at best  {num(names.best_test('regression'))}",
-                  f"  final test MSE    {num(names.final('test', 'mse'), '.4g')} "
-                  f"(R^2 {num(names.final('test', 'r2'))})"]
-    elif s.get(names.BEST_ROUND) is not None:  # a classifier with a global model
-        lines += [f"  best val acc      {num(names.best_val('classification'))} "
-                  f"(rounds-to-best: {s.get(names.BEST_ROUND)})",
-                  f"  test acc at best  {num(names.best_test('classification'))}",
-                  f"  final test acc    {num(names.final('test', 'acc'))}"]
-    elif s.get(names.best_val("multilabel")) is not None:
-        lines += [f"  best val F1       {num(names.best_val('multilabel'))} "
-                  f"(micro over labels; rounds-to-best: {s.get(names.BEST_ROUND)})",
-                  f"  test F1 at best   {num(names.best_test('multilabel'))}",
-                  f"  final test F1     {num(names.final('test', 'f1'))} "
-                  f"(Hamming acc {num(names.final('test', 'hamming_acc'))})"]
+    scored = [t for t in names.TASKS if s.get(names.best_val(t)) is not None]
+    if scored and s.get(names.BEST_ROUND) is not None:  # a global model chosen on validation
+        task = scored[0]
+        label = {"regression": "R^2", "multilabel": "F1"}.get(task, "acc")
+        final = f"acc    {num(names.final('test', 'acc'))}"
+        if task == "regression":
+            final = f"MSE    {num(names.final('test', 'mse'), '.4g')} (R^2 {num(names.final('test', 'r2'))})"
+        if task == "multilabel":
+            final = (f"F1     {num(names.final('test', 'f1'))} (micro over labels; Hamming acc "
+                     f"{num(names.final('test', 'hamming_acc'))})")
+        lines += [f"  {'best val ' + label:<18}{num(names.best_val(task))} (rounds-to-best: {s.get(names.BEST_ROUND)})",
+                  f"  {'test ' + label + ' at best':<18}{num(names.best_test(task))}",
+                  f"  final test {final}"]
     elif s.get(names.final("test", "acc")) is not None:  # no validation set: nothing was selected
         lines.append(f"  final test acc    {num(names.final('test', 'acc'))} (no validation set)")
     if s.get(names.BEST_ROUND) is not None and s.get(names.TARGET) is not None:
