@@ -9,14 +9,14 @@ linear and logistic regression (d = 1000, iid and heterogeneous, 3 seeds, densit
 rank_by {saliency, log_alpha} x project {final, never} x gate scaling {from round 100, none}, next to
 Fed-HT and FedIter-HT; mean +- std over seeds. Part D: client participation heterogeneity (the paper's
 "data and client participation heterogeneity") on sparse logistic regression, heterogeneous clients:
-uniform partial participation 0.5 and 0.2 and heterogeneous availability (each client available with its
+uniform partial participation 0.5, 0.2 and 0.1 and heterogeneous availability (each client available with its
 own Beta-drawn probability, mean 0.3), next to full participation; FLoPS, FLoPS-PA, Fed-HT, FedIter-HT.
 Writes Markdown tables under benchmarks/flops/.
 
     python scripts/flops_table.py                 # parts A and B (about 15 minutes on 2 CPU cores)
     python scripts/flops_table.py --parts C       # the ablation table (about 25 minutes)
-    python scripts/flops_table.py --parts D       # participation heterogeneity (about 30 minutes)
-    python scripts/flops_table.py --parts E --seeds 0 1   # the rule options x participation (~30 min)
+    python scripts/flops_table.py --parts D       # participation heterogeneity (about 40 minutes)
+    python scripts/flops_table.py --parts E       # the rule options x participation (about 25 minutes)
 
 Part E: FLoPS's reconstructed rules that a new read of the sources proposed, each next to the default,
 under full and partial (0.3) participation on heterogeneous sparse logistic regression: the mean-form
@@ -193,6 +193,7 @@ PARTICIPATION = {
     "full (10 of 10)": ["participation=1.0"],
     "uniform 0.5 (5 of 10)": ["participation=0.5"],
     "uniform 0.2 (2 of 10)": ["participation=0.2"],
+    "uniform 0.1 (1 of 10)": ["participation=0.1"],
     "heterogeneous availability (Beta, mean 0.3)": ["participation=1.0", "availability=bernoulli",
                                                      "availability.mean=0.3", "availability.concentration=2"],
 }
