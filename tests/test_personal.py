@@ -197,10 +197,14 @@ def test_fedecouple_clients_predict_with_their_own_extractor():
     assert torch.equal(personal(0, rec["after"])[body[0]], g["params"][body[0]])
 
 
-@pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedrod", "fedecouple", "fedpac"])
+@pytest.mark.parametrize("method", ["fedrep", "ditto", "fedproto", "fedrod", "fedecouple", "fedpac",
+                                    "fedecouple-global"])
 def test_batched_equals_sequential_float64(tmp_path, method):
-    cfg = PERSONAL + [f"method={method}", "hardware.dtype=float64", "local_epochs=2", "method.momentum=0.5"]
-    own_epochs = {"fedrep": ["method.head_epochs=2", "method.body_epochs=1"], "fedpac": ["method.body_epochs=1"]}
+    name = method.split("-")[0]
+    cfg = PERSONAL + [f"method={name}", "hardware.dtype=float64", "local_epochs=2", "method.momentum=0.5"]
+    own_epochs = {"fedrep": ["method.head_epochs=2", "method.body_epochs=1"], "fedpac": ["method.body_epochs=1"],
+                  "fedecouple-global": ["method.anchors=global", "method.phase_epochs=[1,1,1]",
+                                        "metrics.extractors=both"]}
     cfg += own_epochs.get(method, [])
     out = {}
     for ex in ("sequential", "batched"):
