@@ -94,7 +94,7 @@ class PersonalizedMethod(LocalSGDMethod):
         if not self.keeps_extractor:
             return {}
         body = {**{k: v for k, v in gstate["params"].items() if not k.startswith("head.")}, **gstate["buffers"]}
-        ref = gstate["params"]["head.weight"]
+        ref = next(iter(gstate["params"].values()))
         return {"extractor": {k: per_client(v, n_clients) for k, v in body.items()},
                 "x_trained": ref.new_zeros(n_clients)}  # 0 until the client's first round
 
