@@ -23,6 +23,8 @@ STAND_INS = {  # preset prefix -> overrides: embedded data and no downloaded wei
     "fedsq_cinic10": ["dataset=digits", "backbone.weights=none", "backbone.resolution=64", "clients=2",
                       "local_steps=1", "batch_size=4"],
     "flops_synthetic": ["method.prune_start=1"],
+    # LIBSVM multi-label files the test writes under ./data/rcv1 (the real format, a planted model)
+    "flops_rcv1": ["dataset.root=data", "dataset.max_features=50", "method.prune_start=1"],
     "flops_mnist": ["dataset=mnist5k", "method.prune_start=1"],
     "flops_emnist": ["dataset=mnist5k", "method.prune_start=1"],
     "fedpac": ["dataset=mnist5k", "partition.local_size=150", "clients=6", "method.body_epochs=1"],
@@ -54,6 +56,11 @@ def test_preset_composes_and_runs_one_round_on_a_stand_in(tmp_path, monkeypatch,
         assert stop.code in (0, None)
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["paper"]["source"] and job["rounds"] >= 1
+    if name.startswith("flops_rcv1"):
+        from test_rcv1 import planted, write_libsvm
+
+        (tmp_path / "data" / "rcv1").mkdir(parents=True)
+        write_libsvm(tmp_path / "data" / "rcv1" / "rcv1_topics_train.svm.bz2", *planted(600, 0), compress=True)
     overrides = [f"+experiment={name}"] + LOCAL + stand_in(name)
     assert cli.preflight(overrides) is None  # what `fedbench` checks before it starts the run
     s = run_experiment(compose_cfg(overrides), tmp_path / "run")

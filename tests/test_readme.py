@@ -20,6 +20,7 @@ NEEDS = {
     "hydra.launcher.partition=gpu": "hydra.launcher.partition=gpu: no such partition",
     "+experiment=afl_cifar10": "dataset.path=uoft-cs/cifar10",
     "+experiment=fedpac_cifar10": "dataset.path=uoft-cs/cifar10",
+    "+experiment=flops_rcv1": "rcv1_topics_train.svm.bz2 not found",
     "dataset=femnist_hf": "dataset.path=flwrlabs/femnist",
     "hardware=cuda": "CUDA is not available",
     "method=fedfoo": "method='fedfoo' is unknown",
